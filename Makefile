@@ -1,0 +1,43 @@
+# shm: the two commands a new user runs are `make demo` and `make test`.
+# Both create the virtual environment (.venv) if it is missing.
+
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test stress bench env clean clean-shm
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+# The main job: a real multi-process pipeline and shared dict, timed against multiprocessing.
+demo: $(STAMP)
+	$(VPY) -m shm demo
+
+# The whole suite. Cost knobs (environment): SHM_TEST_COUNT scales message
+# counts in the stress-shaped tests (default 20000); SHM_KILL_ROUNDS the kill
+# tests' rounds (default 6). The suite is sized to finish in minutes on 2 cores.
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+# The same suite, ten times the messages and kill rounds, plus the soak tests.
+stress: $(STAMP)
+	SHM_TEST_COUNT=200000 SHM_KILL_ROUNDS=60 SHM_STRESS=1 $(VPY) -m pytest -q
+
+# Benchmarks against peers (installs the peers as the `bench` extra). Results
+# go to bench/results/ as Markdown tables and PNG charts.
+bench: $(STAMP)
+	$(VPY) -m pip install -q -e '.[bench]'
+	$(VPY) -m bench
+
+clean-shm: $(STAMP)
+	$(VPY) -m shm gc
+
+clean:
+	rm -rf $(VENV) build *.egg-info kernels/__pycache__ shm/__pycache__

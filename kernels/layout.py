@@ -1,0 +1,321 @@
+"""Byte layouts of every shared segment, declared once.
+
+Each structure is a ``Layout``: an ordered list of fields with a size and an
+alignment, from which offsets are computed. Kernels use the module-level
+integer constants below (numba freezes module globals at compile time);
+``tests/test_layout.py`` checks every offset against the declarations, every
+atomic word's 8-byte alignment and every hot word's own cache line. Nothing
+else in the code base may hard-code an offset.
+
+CACHE_LINE is 128, not 64: on x86-64 the spatial prefetcher pulls pairs of
+64-byte lines, so two hot words 64 bytes apart still ping-pong between cores
+(crossbeam's ``CachePadded`` makes the same choice, for the same reason; on
+Apple M-series the line itself is 128 bytes). Only words written by different
+parties at high rates get their own line (a ring's ``head`` and ``tail``, the
+futex words); read-mostly words share lines.
+
+Segments
+--------
+Every segment starts with ``SEGMENT`` (the common header, 256 bytes): magic,
+layout version, kind, size, creator, a CRC over the immutable fields, and
+kind-specific immutable parameters (``P0``..``P7``). What follows depends on
+the kind:
+
+* ``KIND_CHANNEL``: the channel control block (``CHANNEL``: futex words,
+  waiter and role bitmaps, unbounded-channel generation counters), the
+  participant table (``PARTICIPANT`` x ``MAX_PARTICIPANTS``), the token table
+  (``TOKEN`` x ``MAX_TOKENS``), then ring generation 0 (``RING`` + slots).
+* ``KIND_RING``: a later generation of an unbounded channel's ring.
+* ``KIND_BLOB``: the out-of-band payload of one large message slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CACHE_LINE = 128
+WORD = 8
+
+MAGIC = 0x31_4E_41_4C_50_4D_48_53   # b"SHMPLAN1" read as a little-endian int64
+LAYOUT_VERSION = 1
+
+KIND_CHANNEL = 1
+KIND_RING = 2
+KIND_BLOB = 3
+KIND_DICT = 4
+KIND_NAMES = {KIND_CHANNEL: "channel", KIND_RING: "ring", KIND_BLOB: "blob", KIND_DICT: "dict"}
+
+MAX_PARTICIPANTS = 256          # one byte of owner index in a slot stamp
+BITMAP_WORDS = MAX_PARTICIPANTS // 64
+MAX_TOKENS = 64                 # one word of token bitmap per role
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    size: int
+    align: int = WORD
+    atomic: bool = False     # accessed with kernels.atomics
+    hot: bool = False        # written often by several parties: owns its cache line
+
+
+class Layout:
+    """Offsets of ``fields`` laid out in order, each aligned as declared."""
+
+    def __init__(self, name: str, fields: list[Field], align: int = WORD, size: int | None = None):
+        self.name = name
+        self.fields = {}
+        self.offsets = {}
+        off = 0
+        for f in fields:
+            a = CACHE_LINE if f.hot else f.align
+            off = _round_up(off, a)
+            self.fields[f.name] = f
+            self.offsets[f.name] = off
+            off += CACHE_LINE if f.hot else f.size
+        self.align = align
+        natural = _round_up(off, align)
+        if size is not None:
+            if size < natural:
+                raise ValueError(f"{name}: declared size {size} < natural size {natural}")
+            natural = size
+        self.size = natural
+
+    def __getitem__(self, name: str) -> int:
+        return self.offsets[name]
+
+    def __repr__(self):
+        rows = ", ".join(f"{k}@{v}" for k, v in self.offsets.items())
+        return f"Layout({self.name}, size={self.size}: {rows})"
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+# --------------------------------------------------------------------------
+# The common segment header.
+
+SEGMENT = Layout("segment", [
+    Field("magic", 8),
+    Field("version", 8),
+    Field("kind", 8),
+    Field("size", 8),             # bytes of the segment as created
+    Field("creator_pid", 8),
+    Field("creator_start", 8),    # creator's start time, clock ticks since boot
+    Field("created_ns", 8),       # time.time_ns() at creation
+    Field("params", 8 * 8),       # P0..P7, kind-specific, immutable
+    Field("family", 16, 1),       # ascii prefix of derived segment names
+    Field("name", 64, 1),         # ascii public name
+    Field("crc", 8),              # crc32 of bytes [0, crc)
+    Field("state", 8, atomic=True),   # SEG_OPEN / SEG_UNLINKED: mutable, after the CRC
+], size=256)
+
+SEG_MAGIC = SEGMENT["magic"]
+SEG_VERSION = SEGMENT["version"]
+SEG_KIND = SEGMENT["kind"]
+SEG_SIZE = SEGMENT["size"]
+SEG_CREATOR_PID = SEGMENT["creator_pid"]
+SEG_CREATOR_START = SEGMENT["creator_start"]
+SEG_CREATED_NS = SEGMENT["created_ns"]
+SEG_PARAMS = SEGMENT["params"]
+SEG_FAMILY = SEGMENT["family"]
+SEG_NAME = SEGMENT["name"]
+SEG_CRC = SEGMENT["crc"]
+SEG_STATE = SEGMENT["state"]
+SEG_HEADER = SEGMENT.size
+FAMILY_LEN = SEGMENT.fields["family"].size
+NAME_LEN = SEGMENT.fields["name"].size
+
+SEG_INIT = 0          # being initialised by its creator
+SEG_OPEN = 1
+SEG_UNLINKED = 2      # the last participant left; the name is gone or going
+SEG_CLOSING = 3       # a participant that believes it is the last is checking (pid << 8 | 3)
+SEG_STATE_MASK = 0xFF
+
+# Channel parameters (SEGMENT params P0..P7 of a KIND_CHANNEL segment).
+P_FLAVOR = 0          # FLAVOR_*
+P_CAPACITY = 1        # user-visible capacity (0 for rendezvous; gen-0 size for unbounded)
+P_SLOT = 2            # slot size in bytes
+P_CODEC = 3           # codec id (shm/codec.py)
+P_RING = 4            # byte offset of ring generation 0
+P_RING_CAP = 5        # slots in ring generation 0
+P_PARTICIPANTS = 6    # byte offset of the participant table
+P_TOKENS = 7          # byte offset of the token table
+
+FLAVOR_BOUNDED = 1
+FLAVOR_UNBOUNDED = 2
+FLAVOR_RENDEZVOUS = 3
+
+# Ring parameters (P0..P7 of a KIND_RING segment).
+PR_GEN = 0
+PR_CAP = 1
+PR_SLOT = 2
+PR_BASE = 3           # global position of the ring's first slot
+PR_RING = 4           # byte offset of the ring header
+
+# Blob parameters (P0..P3 of a KIND_BLOB segment).
+PB_GEN = 0            # ring generation
+PB_SLOT = 1           # slot index
+PB_BLOBGEN = 2        # the slot's blob generation
+PB_CAPACITY = 3       # payload bytes available after the header
+BLOB_DATA = SEG_HEADER
+
+# --------------------------------------------------------------------------
+# The channel control block, right after the segment header.
+
+CHANNEL = Layout("channel", [
+    # Receivers park on rx_seq; a sender that publishes while any bit of
+    # rx_waiters is set bumps rx_seq and wakes. Senders waiting for space use
+    # tx_seq/tx_waiters the same way. A bit per participant (not a count) so
+    # a participant that dies while parked can be cleared idempotently.
+    Field("rx_seq", 8, atomic=True, hot=True),
+    Field("rx_waiters", 8 * BITMAP_WORDS, atomic=True, hot=True),
+    Field("tx_seq", 8, atomic=True, hot=True),
+    Field("tx_waiters", 8 * BITMAP_WORDS, atomic=True, hot=True),
+    # Read on every send/recv, written when handles open and close: one line.
+    Field("tx_roles", 8 * BITMAP_WORDS, atomic=True, align=CACHE_LINE),
+    Field("rx_roles", 8 * BITMAP_WORDS, atomic=True),
+    Field("tx_tokens", 8, atomic=True),
+    Field("rx_tokens", 8, atomic=True),
+    # Unbounded channels: which ring generation producers push to / consumers pop from.
+    Field("tail_gen", 8, atomic=True, hot=True),
+    Field("head_gen", 8, atomic=True, hot=True),
+    # Who is creating the next generation: next_gen << 16 | (participant + 1), or 0.
+    Field("grow", 8, atomic=True),
+    Field("blob_bytes", 8, atomic=True, align=CACHE_LINE),   # bytes held in blob segments
+    Field("blob_segments", 8, atomic=True),
+    Field("tombstones", 8, atomic=True),    # slots recovered from dead producers
+    Field("dropped", 8, atomic=True),       # messages lost with dead consumers
+    Field("reaped", 8, atomic=True),        # dead participants reaped
+], align=CACHE_LINE)
+
+CH_BASE = SEG_HEADER
+CH_RX_SEQ = CH_BASE + CHANNEL["rx_seq"]
+CH_RX_WAITERS = CH_BASE + CHANNEL["rx_waiters"]
+CH_TX_SEQ = CH_BASE + CHANNEL["tx_seq"]
+CH_TX_WAITERS = CH_BASE + CHANNEL["tx_waiters"]
+CH_TX_ROLES = CH_BASE + CHANNEL["tx_roles"]
+CH_RX_ROLES = CH_BASE + CHANNEL["rx_roles"]
+CH_TX_TOKENS = CH_BASE + CHANNEL["tx_tokens"]
+CH_RX_TOKENS = CH_BASE + CHANNEL["rx_tokens"]
+CH_TAIL_GEN = CH_BASE + CHANNEL["tail_gen"]
+CH_HEAD_GEN = CH_BASE + CHANNEL["head_gen"]
+CH_GROW = CH_BASE + CHANNEL["grow"]
+CH_BLOB_BYTES = CH_BASE + CHANNEL["blob_bytes"]
+CH_BLOB_SEGMENTS = CH_BASE + CHANNEL["blob_segments"]
+CH_TOMBSTONES = CH_BASE + CHANNEL["tombstones"]
+CH_DROPPED = CH_BASE + CHANNEL["dropped"]
+CH_REAPED = CH_BASE + CHANNEL["reaped"]
+CH_END = CH_BASE + CHANNEL.size
+
+# Roles, as indices into the role and waiter bitmaps.
+ROLE_TX = 0
+ROLE_RX = 1
+
+# --------------------------------------------------------------------------
+# Participants: one entry per attached process.
+
+PARTICIPANT = Layout("participant", [
+    # state = (incarnation << 40) | (pid << 8) | code; code is one of PS_*.
+    # CAS-ed as a whole, so a reaper and a new claimant cannot both win, and
+    # the incarnation defeats ABA when an entry is freed and claimed again.
+    Field("state", 8, atomic=True),
+    Field("pid", 8),
+    Field("start", 8),          # start time (clock ticks since boot) from /proc/PID/stat
+    Field("pidns", 8),          # inode of /proc/PID/ns/pid: pids compare only within one namespace
+    Field("roles", 8, atomic=True),   # informational: bit ROLE_TX, bit ROLE_RX
+], size=64)
+
+PT_STATE = PARTICIPANT["state"]
+PT_PID = PARTICIPANT["pid"]
+PT_START = PARTICIPANT["start"]
+PT_PIDNS = PARTICIPANT["pidns"]
+PT_ROLES = PARTICIPANT["roles"]
+PT_SIZE = PARTICIPANT.size
+
+PS_FREE = 0
+PS_CLAIMING = 1     # claimed by `pid`; pid/start/pidns being written
+PS_ALIVE = 2
+PS_REAPING = 3      # its process is dead; a reaper (whose pid replaces it in the state) recovers what it held
+PS_CODE_MASK = 0xFF
+PS_PID_SHIFT = 8
+PS_PID_MASK = (1 << 32) - 1
+PS_INC_SHIFT = 40
+
+# --------------------------------------------------------------------------
+# Tokens: a handle that was pickled (or inherited across fork) and not yet
+# claimed by the process that unpickles it still counts as a sender or
+# receiver while the process that lent it is alive, so a parent that closes
+# its own handle right after starting a child does not disconnect (or
+# unlink) the channel before the child attaches.
+
+TOKEN = Layout("token", [
+    # state = 0 (free), or role, kind and serial (see shm/_registry.py)
+    Field("state", 8, atomic=True),
+    Field("created_ns", 8),       # CLOCK_MONOTONIC at lending
+    Field("lender_pid", 8),
+    Field("lender_start", 8),
+], size=32)
+
+TK_STATE = TOKEN["state"]
+TK_CREATED = TOKEN["created_ns"]
+TK_LENDER_PID = TOKEN["lender_pid"]
+TK_LENDER_START = TOKEN["lender_start"]
+TK_SIZE = TOKEN.size
+TOKEN_PICKLE = 1
+TOKEN_FORK = 2
+
+# --------------------------------------------------------------------------
+# The ring: Vyukov's bounded MPMC queue with owner-tagged stamps (kernels/ring.py).
+
+RING = Layout("ring", [
+    Field("tail", 8, atomic=True, hot=True),   # next position to claim for a push; bit SEALED_BIT seals
+    Field("head", 8, atomic=True, hot=True),   # next position to claim for a pop
+    Field("cap", 8, align=CACHE_LINE),         # slots (immutable)
+    Field("slot", 8),                           # slot size in bytes (immutable)
+    Field("base", 8),                           # position of this generation's first message
+    Field("gen", 8),
+], align=CACHE_LINE)
+
+RG_TAIL = RING["tail"]
+RG_HEAD = RING["head"]
+RG_CAP = RING["cap"]
+RG_SLOT = RING["slot"]
+RG_BASE = RING["base"]
+RG_GEN = RING["gen"]
+RING_HEADER = RING.size
+
+SLOT = Layout("slot", [
+    Field("stamp", 8, atomic=True),  # (pos << 10) | (owner << 2) | state: see kernels/ring.py
+    Field("meta", 8),                # len (bits 0..47) | kind << 48 | flags << 56
+    Field("blob_gen", 8),            # generation of this slot's blob segment (names it)
+    Field("blob_cap", 8),            # payload capacity of that blob segment, 0 if none
+])
+SL_STAMP = SLOT["stamp"]
+SL_META = SLOT["meta"]
+SL_BLOB_GEN = SLOT["blob_gen"]
+SL_BLOB_CAP = SLOT["blob_cap"]
+SLOT_HEADER = SLOT.size       # 32: the inline payload starts here
+MIN_SLOT = 64
+SLOT_ALIGN = 64
+
+META_LEN_MASK = (1 << 48) - 1
+META_KIND_SHIFT = 48
+META_FLAGS_SHIFT = 56
+FLAG_BLOB = 1      # payload is in the slot's blob segment
+FLAG_TOMB = 2      # no message: a recovered claim of a dead producer
+
+
+def channel_layout(ring_cap: int, slot: int) -> dict:
+    """Offsets and total size of a channel control segment."""
+    participants = _round_up(CH_END, CACHE_LINE)
+    tokens = participants + MAX_PARTICIPANTS * PT_SIZE
+    ring = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
+    size = ring + RING_HEADER + ring_cap * slot
+    return {"participants": participants, "tokens": tokens, "ring": ring, "size": size}
+
+
+def ring_layout(ring_cap: int, slot: int) -> dict:
+    """Offsets and total size of a ring-generation segment."""
+    ring = _round_up(SEG_HEADER, CACHE_LINE)
+    return {"ring": ring, "size": ring + RING_HEADER + ring_cap * slot}

@@ -1,0 +1,28 @@
+"""shm: a shared-memory data plane for Python multiprocessing.
+
+Lock-free MPMC channels and a sharded concurrent dict in POSIX shared
+memory, driven by numba-compiled atomic kernels (``kernels``), so separate
+processes exchange messages and share maps with no pipe and no manager
+process in the way.
+
+>>> import shm
+>>> tx, rx = shm.bounded(128)
+>>> tx.send([1, 2, 3]); rx.recv()
+[1, 2, 3]
+
+See README.md for the tour.
+"""
+from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
+from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
+                     IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
+                     SegmentExists, SegmentNotFound, SendTimeout, ShmError, TooManyParticipants,
+                     WrongKind)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
+    "ShmError", "Empty", "Full", "SendTimeout", "Disconnected", "Closed", "EncodeError", "DecodeError",
+    "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
+]

@@ -1,0 +1,1264 @@
+"""One process's view of one channel: segments, rings, roles, blobs, recovery.
+
+Design notes
+------------
+``shm/channel.py`` is the public surface (``bounded``, ``Sender``,
+``Receiver``); everything they share in a process lives in one ``_Chan``
+per channel name, so two handles of one channel in one process register one
+participant and map each segment once.
+
+Segments of a channel named N (family F, a random ``shm_`` name):
+
+* ``N``: the control segment: header, control block, participant and token
+  tables, and ring generation 0 (``kernels/layout.py``).
+* ``F`` + ``r<gen>``: ring generation ``gen`` >= 1 of an unbounded channel.
+* ``F`` + ``r<gen>s<slot>b<blobgen>``: the blob of one slot: the payload of
+  a message too large for the slot's inline area (``slot - 32`` bytes).
+
+*Messages.* A payload that fits inline is copied into the slot by one kernel
+call (``ring.push_at``, ~0.1 us from Python), and out again into one of the
+receive areas (``ring.pop_at``). A larger payload goes to the slot's blob:
+a segment owned by the slot, created on first need, grown when too small,
+and kept for the next message through that slot while the channel's blob
+bytes stay under ``blob_budget`` (so 1 MiB messages through a ring of 16
+reuse 16 hot segments instead of creating one per message). Only the owner
+of the slot (its producer, then its consumer) touches the blob or the
+slot's blob words, so blobs need no protocol of their own, and a dead
+owner's blob is recovered with its slot.
+
+*Unbounded channels* chain ring generations (crossbeam's list flavour /
+SegQueue, with blocks that double up to 1M slots): a producer that finds
+generation g full seals it (``ring.seal_at``), makes g+1 (one creator at a
+time, elected by CAS on the ``grow`` word) and advances ``tail_gen``;
+consumers drain g, see it sealed, advance ``head_gen`` and the winner of that
+CAS unlinks g. Positions continue across generations, so FIFO order and the
+sent/received counts are global.
+
+*Roles and disconnection* are per process (``shm/_registry.py``). Each
+role has its own descriptor per ring, so a forked child's first use of a
+role goes through the slow path (``D_ME`` = -1 there) and confirms it: a
+child counts as holding every handle it inherited until it first uses the
+channel, and from then on only the roles it uses. That keeps both common
+shapes right: consumers that inherited an unused Sender do not keep the
+channel open after the parent's last Sender closes, and a parent that closes
+its Sender right after starting producer children does not see the channel
+disconnect before they run.
+
+*Unlinking.* The last participant to leave (by closing its last handle, or
+at interpreter exit) unlinks every segment of the channel, unless a token is
+still out (a pickled handle not yet unpickled, whose lender lives).
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import mmap
+import os
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from kernels import layout as L
+from kernels import ring as R
+from kernels import words as W
+
+from . import _liveness, _wait
+from ._registry import Registry
+from .codec import K_NDARRAY, decode_ndarray, get_codec
+from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, Full,
+                     MessageTooLarge, SegmentExists, SegmentNotFound, ShmError)
+from .segment import Segment, check_name, new_name, unlink_name
+
+__all__ = ["_Chan", "close_all"]
+
+
+def _entry(dispatcher):
+    """The compiled entry point of a kernel whose signature is all integers.
+
+    Calling it skips numba's argument typing (~85 ns instead of ~160 ns for
+    three ints) and checks nothing, which is safe only because every
+    argument is an int the channel computed itself.
+    """
+    sig = dispatcher.signatures[0]
+    if not all(str(t) == "int64" for t in sig):
+        raise TypeError(f"{dispatcher.__name__}: fast entry needs an all-int64 signature, got {sig}")
+    return dispatcher.overloads[sig].entry_point
+
+
+_PUSH = _entry(R.push_at)
+_PUSH_SPIN = _entry(R.push_spin_at)
+_PUSH_MANY = _entry(R.push_many_at)
+_CLAIM = _entry(R.claim_push_at)
+_PUBLISH = _entry(R.publish_at)
+_PUBLISH_INLINE = _entry(R.publish_inline_at)
+_POP = _entry(R.pop_at)
+_POP_SPIN = _entry(R.pop_spin_at)
+_POP_MANY = _entry(R.pop_many_at)
+_RELEASE = _entry(R.release_at)
+_SLOT_WORD = _entry(R.slot_word_at)
+_SET_SLOT_WORD = _entry(R.set_slot_word_at)
+_PARK = _entry(R.park_at)
+_WAKE = _entry(R.wake_at)
+_COUNTER = _entry(R.counter_at)
+_SEAL = _entry(R.seal_at)
+_RECOVER = _entry(R.recover_at)
+_INIT_RING = _entry(R.init_ring_at)
+_TAKEN = _entry(R.rendezvous_taken_at)
+_CANCEL = _entry(R.rendezvous_cancel_at)
+
+
+def _bytes_offset() -> int:
+    b = b"shm probe"
+    off = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value - id(b)
+    if ctypes.string_at(id(b) + off, len(b)) != b:
+        raise RuntimeError("cannot locate the buffer of a bytes object")
+    return off
+
+
+BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes object's data
+
+DEFAULT_SLOT = 256
+MAX_SLOT = 1 << 20
+BATCH = 256                   # messages per recv_many kernel call
+RING0_UNBOUNDED = 256         # slots of an unbounded channel's first generation
+MAX_RING_BYTES = 16 << 20     # bytes of slots in its largest generations
+BLOB_MIN = 64 << 10           # smallest blob segment
+BLOB_BUDGET = 256 << 20       # blob bytes a channel keeps for reuse
+
+_OPEN: dict[str, "_Chan"] = {}
+_OPEN_LOCK = threading.RLock()
+
+
+def _round_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_RETRY = object()      # an attempt changed state (new generation, registered): try again at once
+
+
+class _Ring:
+    """One ring generation as mapped in this process, with its two descriptors.
+
+    ``busy`` counts kernel calls running without the GIL on this ring (spins
+    and parks); a ring is unmapped only when it is zero, and its descriptors
+    are zeroed first, so a kernel entered later returns CLOSED instead of
+    touching the unmapped memory.
+    """
+
+    def __init__(self, chan: "_Chan", gen: int, seg: Segment, own: bool, ring_off: int, cap: int):
+        self.gen = gen
+        self.seg = seg
+        self.own = own              # a separate segment (gen >= 1), unmapped with the ring
+        self.cap = cap
+        self.ring_off = ring_off
+        self.busy = 0
+        self.dtx = np.zeros(R.D_LEN, np.int64)
+        self.drx = np.zeros(R.D_LEN, np.int64)
+        for d in (self.dtx, self.drx):
+            d[R.D_BASE] = seg.addr
+            d[R.D_SIZE] = seg.size
+            d[R.D_RING] = ring_off
+            d[R.D_CAP] = cap
+            d[R.D_SLOT] = chan.slot
+            d[R.D_ME] = -1
+            d[R.D_CTRL] = chan.ctrl.addr
+            d[R.D_CTRL_SIZE] = chan.ctrl.size
+            d[R.D_KIND] = chan.codec.kind
+        self.drx[R.D_DST] = chan.scratch_addr
+        self.drx[R.D_DST_SIZE] = chan.scratch_size
+        self.drx[R.D_AREA_SIZE] = chan.area
+        self.drx[R.D_BATCH] = chan.area * R.N_AREAS
+        self.tx_addr = self.dtx.ctypes.data
+        self.rx_addr = self.drx.ctypes.data
+
+    def set_me(self, role: int, me: int) -> None:
+        (self.dtx if role == L.ROLE_TX else self.drx)[R.D_ME] = me
+
+    def invalidate(self) -> None:
+        for d in (self.dtx, self.drx):
+            d[R.D_SIZE] = 0
+            d[R.D_CTRL_SIZE] = 0
+
+    def unmap(self) -> None:
+        self.invalidate()
+        if self.own:
+            self.seg.close()
+
+
+class _Chan:
+    """This process's state for one channel (shared by its handles)."""
+
+    def __init__(self, ctrl: Segment):
+        self.ctrl = ctrl
+        self.name = ctrl.name
+        p = ctrl.params
+        self.flavor = p[L.P_FLAVOR]
+        self.capacity = p[L.P_CAPACITY]
+        self.slot = p[L.P_SLOT]
+        self.family = ctrl.family
+        if not (L.MIN_SLOT <= self.slot <= MAX_SLOT and self.slot % L.SLOT_ALIGN == 0):
+            raise CorruptSegment(f"channel {self.name!r}: implausible slot size {self.slot}")
+        if self.flavor not in (L.FLAVOR_BOUNDED, L.FLAVOR_UNBOUNDED, L.FLAVOR_RENDEZVOUS):
+            raise CorruptSegment(f"channel {self.name!r}: unknown flavor {self.flavor}")
+        try:
+            self.codec = get_codec(p[L.P_CODEC])
+        except ValueError:
+            raise CorruptSegment(f"channel {self.name!r}: unknown codec id {p[L.P_CODEC]}") from None
+        ring_cap = p[L.P_RING_CAP]
+        if not 1 <= ring_cap <= (ctrl.size // L.MIN_SLOT):
+            raise CorruptSegment(f"channel {self.name!r}: implausible ring capacity {ring_cap}")
+        lay = L.channel_layout(ring_cap, self.slot)
+        if (p[L.P_RING] != lay["ring"] or p[L.P_PARTICIPANTS] != lay["participants"]
+                or p[L.P_TOKENS] != lay["tokens"] or lay["size"] > ctrl.size):
+            raise CorruptSegment(f"channel {self.name!r}: inconsistent layout parameters")
+        self.inline = self.slot - L.SLOT_HEADER
+        # Largest payload the handles' one-call fast path may push (a
+        # rendezvous send must wait for its taker, so it never takes it).
+        self.fast_inline = -1 if self.flavor == L.FLAVOR_RENDEZVOUS else self.inline
+        self.kind = self.codec.kind
+        self.encode = self.codec.encode
+        self.registry = Registry(ctrl, lay["participants"], lay["tokens"],
+                                 (L.CH_TX_ROLES, L.CH_RX_ROLES), (L.CH_TX_TOKENS, L.CH_RX_TOKENS),
+                                 (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
+        # Receive buffer: N_AREAS areas for single pops, then a batch region.
+        self.area = max(64, (self.inline + 63) // 64 * 64)
+        self.scratch_size = self.area * R.N_AREAS + self.inline * BATCH
+        self.scratch = mmap.mmap(-1, self.scratch_size)
+        self._scratch_view = np.frombuffer(self.scratch, np.uint8)
+        self.scratch_addr = self._scratch_view.ctypes.data
+        self.lens = np.zeros(BATCH, np.int64)
+        self.lens_addr = self.lens.ctypes.data
+        self.me = -1
+        self.counts = [0, 0]             # open handles per role in this process
+        self.confirmed = [False, False]  # the role's descriptors carry D_ME
+        self.pending: set[int] = set()   # roles inherited across fork, not yet used
+        self.fork_tokens: list = []
+        self.waiting = [0, 0]
+        self.inflight = 0                # kernel calls running without the GIL
+        self.lock = threading.RLock()
+        self.wait_lock = threading.Lock()
+        self.blob_lock = threading.Lock()
+        self.batch_lock = threading.Lock()
+        self.blobs: dict[tuple[int, int], tuple[int, Segment]] = {}
+        r0 = _Ring(self, 0, ctrl, False, lay["ring"], ring_cap)
+        self.rings: dict[int, _Ring] = {0: r0}
+        self.txr = self.rxr = r0
+        self.tx_addr = r0.tx_addr
+        self.rx_addr = r0.rx_addr
+        self.closed = False
+        self._last_check = 0.0
+
+    # ------------------------------------------------------------------
+    # Creation and attachment.
+
+    @classmethod
+    def create(cls, flavor: int, capacity: int, *, name=None, codec="msgpack", slot_size=None) -> "_Chan":
+        codec = get_codec(codec)
+        if slot_size is None:
+            slot = DEFAULT_SLOT
+        else:
+            slot_size = int(slot_size)
+            if slot_size < 0 or slot_size > MAX_SLOT - L.SLOT_HEADER:
+                raise ValueError(f"slot_size must be between 0 and {MAX_SLOT - L.SLOT_HEADER} bytes")
+            slot = max(L.MIN_SLOT, (slot_size + L.SLOT_HEADER + L.SLOT_ALIGN - 1) // L.SLOT_ALIGN * L.SLOT_ALIGN)
+        if flavor == L.FLAVOR_BOUNDED:
+            ring_cap = capacity
+        elif flavor == L.FLAVOR_RENDEZVOUS:
+            ring_cap = 1
+        else:
+            ring_cap = RING0_UNBOUNDED
+        lay = L.channel_layout(ring_cap, slot)
+        if name is not None:
+            name = check_name(name)
+        family = new_name()
+        params = [0] * 8
+        params[L.P_FLAVOR] = flavor
+        params[L.P_CAPACITY] = capacity
+        params[L.P_SLOT] = slot
+        params[L.P_CODEC] = codec.id
+        params[L.P_RING] = lay["ring"]
+        params[L.P_RING_CAP] = ring_cap
+        params[L.P_PARTICIPANTS] = lay["participants"]
+        params[L.P_TOKENS] = lay["tokens"]
+
+        def init(seg):
+            args = np.array([ring_cap, slot, 0, 0], np.int64)
+            _INIT_RING(seg.addr, seg.size, lay["ring"], args.ctypes.data)
+
+        seg = Segment.create(L.KIND_CHANNEL, lay["size"], name=name or family, family=family,
+                             params=params, init=init)
+        try:
+            chan = cls(seg)
+            chan._register()
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+        with _OPEN_LOCK:
+            _OPEN[chan.name] = chan
+        return chan
+
+    @classmethod
+    def open(cls, name: str) -> "_Chan":
+        """This process's _Chan for ``name``, attaching to the channel if needed."""
+        name = check_name(name)
+        with _OPEN_LOCK:
+            chan = _OPEN.get(name)
+            if chan is not None and not chan.closed:
+                return chan
+            seg = Segment.attach(name, kind=L.KIND_CHANNEL, what="channel")
+            try:
+                chan = cls(seg)
+                chan._register()
+                if chan.flavor == L.FLAVOR_UNBOUNDED:
+                    chan.refresh_tx()
+                    chan.refresh_rx()
+            except BaseException:
+                if chan is not None and chan.me >= 0:
+                    chan.registry.unregister(chan.me)
+                seg.close()
+                raise
+            _OPEN[name] = chan
+            return chan
+
+    def _register(self) -> None:
+        """Claim a participant entry, refusing a channel that is being unlinked."""
+        reg = self.registry
+        self.me = reg.register()
+        deadline = time.monotonic() + 5.0
+        while True:
+            st = self.ctrl.state
+            code = st & L.SEG_STATE_MASK
+            if code == L.SEG_OPEN:
+                return
+            if code == L.SEG_CLOSING and time.monotonic() < deadline:
+                if _liveness.pid_alive(st >> 8):
+                    time.sleep(0.0005)
+                    continue
+                self.ctrl.set_state(st, L.SEG_OPEN)   # its closer died mid-check
+                continue
+            reg.unregister(self.me)
+            self.me = -1
+            raise SegmentNotFound(f"channel {self.name!r} was closed by its last user and is being removed")
+
+    # ------------------------------------------------------------------
+    # Roles.
+
+    def acquire_role(self, role: int) -> None:
+        with self.lock:
+            self._check_open()
+            if self.me < 0 or not self.registry.mine(self.me):
+                self._reset_registration()
+                self._register()
+            self.counts[role] += 1
+            if self.counts[role] == 1:
+                self.registry.set_role(self.me, role)
+            self._confirm(role)
+
+    def release_role(self, role: int) -> None:
+        with self.lock:
+            if self.closed or self.counts[role] <= 0:
+                return
+            self.counts[role] -= 1
+            if self.counts[role] > 0:
+                return
+            self.pending.discard(role)
+            if self.me >= 0 and self.registry.mine(self.me):
+                self.registry.clear_role(self.me, role)
+            for ring in self.rings.values():
+                ring.set_me(role, -1)
+            self.confirmed[role] = False
+            self.wake_all()
+            if self.counts[0] == 0 and self.counts[1] == 0:
+                self._detach()
+
+    def _reset_registration(self) -> None:
+        self.me = -1
+        self.confirmed = [False, False]
+        for ring in self.rings.values():
+            ring.set_me(0, -1)
+            ring.set_me(1, -1)
+
+    def _confirm(self, role: int) -> None:
+        """Point this role's descriptors at our participant (first use of the role)."""
+        if not self.confirmed[role]:
+            self.confirmed[role] = True
+            for ring in self.rings.values():
+                ring.set_me(role, self.me)
+        if self.pending:
+            # First use of the channel since fork: only the roles we use count from now on.
+            for r in self.pending - {role}:
+                if not self.confirmed[r]:
+                    self.registry.clear_role(self.me, r)
+            self.pending.clear()
+
+    def confirm(self, role: int) -> None:
+        """Slow path of an op that got UNREGISTERED: (re)register and confirm ``role``."""
+        with self.lock:
+            self._check_open()
+            if self.counts[role] <= 0:
+                raise Closed("this handle is closed")
+            if self.me < 0 or not self.registry.mine(self.me):
+                self._reset_registration()
+                self._register()
+            self.registry.set_role(self.me, role)
+            self._confirm(role)
+
+    def _check_open(self):
+        if self.closed:
+            raise Closed(f"channel {self.name!r} is closed in this process")
+
+    # ------------------------------------------------------------------
+    # fork
+
+    def before_fork(self) -> None:
+        toks = []
+        if self.me >= 0 and not self.closed:
+            for role in (L.ROLE_TX, L.ROLE_RX):
+                if self.counts[role] > 0:
+                    tok = self.registry.lend(role, L.TOKEN_FORK)
+                    if tok is not None:
+                        toks.append(tok)
+        self.fork_tokens = toks
+
+    def after_fork_parent(self) -> None:
+        self.fork_tokens = []     # the child retires them (or they expire)
+
+    def after_fork_child(self) -> None:
+        self.lock = threading.RLock()
+        self.wait_lock = threading.Lock()
+        self.blob_lock = threading.Lock()
+        self.batch_lock = threading.Lock()
+        self.waiting = [0, 0]
+        self.inflight = 0
+        for ring in self.rings.values():
+            ring.busy = 0
+        self._reset_registration()
+        inherited = {r for r in (L.ROLE_TX, L.ROLE_RX) if self.counts[r] > 0}
+        self.pending = set()
+        if inherited and not self.closed:
+            try:
+                self._register()
+                for r in inherited:
+                    self.registry.set_role(self.me, r)
+                self.pending = inherited
+            except ShmError:
+                self.me = -1
+        for t, v in self.fork_tokens:
+            self.registry.retire(t, v)
+        self.fork_tokens = []
+
+    # ------------------------------------------------------------------
+    # Kernel calls that run without the GIL.
+
+    def nogil(self, ring: _Ring, fn, *args):
+        """Run a GIL-releasing kernel on ``ring`` so close() never unmaps under it."""
+        if self.closed:
+            return R.CLOSED
+        self.inflight += 1
+        ring.busy += 1
+        try:
+            return fn(*args)
+        finally:
+            ring.busy -= 1
+            self.inflight -= 1
+
+    # ------------------------------------------------------------------
+    # Rings (unbounded generations).
+
+    def _ring_name(self, gen: int) -> str:
+        return f"{self.family}r{gen:x}"
+
+    def ring(self, gen: int) -> _Ring | None:
+        """Generation ``gen``, mapped (None if it does not exist)."""
+        r = self.rings.get(gen)
+        if r is not None:
+            return r
+        try:
+            seg = Segment.attach(self._ring_name(gen), kind=L.KIND_RING, what="channel ring")
+        except SegmentNotFound:
+            return None
+        p = seg.params
+        cap, slot = p[L.PR_CAP], p[L.PR_SLOT]
+        lay = L.ring_layout(cap, slot)
+        if p[L.PR_GEN] != gen or slot != self.slot or p[L.PR_RING] != lay["ring"] or lay["size"] > seg.size:
+            seg.close()
+            raise CorruptSegment(f"ring generation {gen} of channel {self.name!r} has inconsistent parameters")
+        r = _Ring(self, gen, seg, True, lay["ring"], cap)
+        for role in (0, 1):
+            if self.confirmed[role]:
+                r.set_me(role, self.me)
+        self.rings[gen] = r
+        return r
+
+    def _gen_cap(self, gen: int) -> int:
+        return min(RING0_UNBOUNDED << gen, max(RING0_UNBOUNDED, MAX_RING_BYTES // self.slot))
+
+    def _make_ring(self, gen: int) -> _Ring:
+        """Ensure generation ``gen`` exists (one creator at a time) and map it."""
+        grow_w = L.CH_GROW >> 3
+        want = (gen << 16) | (self.me + 1)
+        while True:
+            r = self.ring(gen)
+            if r is not None:
+                return r
+            prev = self.ring(gen - 1)
+            if prev is None or not _COUNTER(prev.tx_addr, 2):
+                raise CorruptSegment(f"channel {self.name!r}: generation {gen - 1} is missing or not sealed")
+            base = _COUNTER(prev.tx_addr, 0)
+            cur = W.load(self.ctrl.w, grow_w)
+            owner = (cur & 0xFFFF) - 1
+            if cur == 0 or (cur >> 16) < gen or not self._participant_alive(owner):
+                if W.cas(self.ctrl.w, grow_w, cur, want) != cur:
+                    continue
+                try:
+                    self._create_ring(gen, base)
+                finally:
+                    W.cas(self.ctrl.w, grow_w, want, 0)
+            else:
+                time.sleep(0.0002)
+
+    def _create_ring(self, gen: int, base: int) -> None:
+        cap = self._gen_cap(gen)
+        lay = L.ring_layout(cap, self.slot)
+        params = [0] * 8
+        params[L.PR_GEN] = gen
+        params[L.PR_CAP] = cap
+        params[L.PR_SLOT] = self.slot
+        params[L.PR_BASE] = base
+        params[L.PR_RING] = lay["ring"]
+
+        def init(seg):
+            args = np.array([cap, self.slot, base, gen], np.int64)
+            _INIT_RING(seg.addr, seg.size, lay["ring"], args.ctypes.data)
+
+        name = self._ring_name(gen)
+        for _ in range(2):
+            try:
+                Segment.create(L.KIND_RING, lay["size"], name=name, family=self.family,
+                               public_name=self.name, params=params, init=init).close()
+                return
+            except SegmentExists:
+                try:
+                    Segment.attach(name, kind=L.KIND_RING).close()
+                    return      # made by an earlier creator after all
+                except (CorruptSegment, SegmentNotFound):
+                    unlink_name(name)   # half-made by a creator that died; we hold `grow`
+
+    def _participant_alive(self, idx: int) -> bool:
+        if not 0 <= idx < L.MAX_PARTICIPANTS:
+            return False
+        s, pid, start, ns = self.registry.entry(idx)
+        return (s & L.PS_CODE_MASK) == L.PS_ALIVE and _liveness.alive(pid, start, ns)
+
+    def refresh_tx(self) -> None:
+        with self.lock:
+            g = W.load(self.ctrl.w, L.CH_TAIL_GEN >> 3)
+            if g != self.txr.gen:
+                r = self._make_ring(g) if g > 0 else self.rings[0]
+                self.txr = r
+                self.tx_addr = r.tx_addr
+                self._drop_old_rings()
+
+    def refresh_rx(self) -> None:
+        with self.lock:
+            g = W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3)
+            if g != self.rxr.gen:
+                r = self._make_ring(g) if g > 0 else self.rings[0]
+                self.rxr = r
+                self.rx_addr = r.rx_addr
+                self._drop_old_rings()
+
+    def _drop_old_rings(self) -> None:
+        below = min(self.txr.gen, self.rxr.gen)
+        for gen in [g for g in self.rings if 0 < g < below]:
+            ring = self.rings[gen]
+            if ring.busy:
+                continue        # a spinning or parked thread still uses it
+            del self.rings[gen]
+            ring.unmap()
+            with self.blob_lock:
+                stale = [k for k in self.blobs if k[0] == gen]
+                segs = [self.blobs.pop(k)[1] for k in stale]
+            for seg in segs:
+                seg.close()
+
+    def on_full(self, ring: _Ring) -> None:
+        """``ring`` (our tail generation) is full: seal it and move on."""
+        _SEAL(ring.tx_addr)
+        self.on_sealed_tx(ring)
+
+    def on_sealed_tx(self, ring: _Ring) -> None:
+        """``ring`` is sealed: make the next generation and publish it as the tail."""
+        with self.lock:
+            if not _COUNTER(ring.tx_addr, 2):
+                self.refresh_tx()
+                return
+            self._make_ring(ring.gen + 1)
+            W.cas(self.ctrl.w, L.CH_TAIL_GEN >> 3, ring.gen, ring.gen + 1)
+            self.refresh_tx()
+
+    def on_sealed_rx(self, ring: _Ring) -> None:
+        """``ring`` (our head generation) is sealed and drained: move on, retiring it if we win."""
+        with self.lock:
+            sealed = _COUNTER(ring.rx_addr, 2)
+            drained = _COUNTER(ring.rx_addr, 1) >= _COUNTER(ring.rx_addr, 0)
+            if sealed and drained:
+                self._make_ring(ring.gen + 1)
+                if W.cas(self.ctrl.w, L.CH_HEAD_GEN >> 3, ring.gen, ring.gen + 1) == ring.gen:
+                    self._retire_ring(ring)
+            self.refresh_rx()
+
+    def _retire_ring(self, ring: _Ring) -> None:
+        """Unlink a drained generation and the blobs its slots kept."""
+        w = ring.seg.w
+        for slot in range(ring.cap):
+            stamp = int(w[(ring.ring_off + L.RING_HEADER + slot * self.slot) >> 3])
+            if stamp & R.STATE_MASK == R.READING:
+                continue    # its consumer unlinks the blob after reading (the ring is sealed)
+            bcap = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_CAP)
+            if bcap > 0:
+                self._unlink_blob(ring.gen, slot, _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_GEN), bcap)
+        if ring.gen > 0:
+            unlink_name(self._ring_name(ring.gen))
+
+    # ------------------------------------------------------------------
+    # Blobs.
+
+    def _blob_name(self, gen: int, slot: int, bgen: int) -> str:
+        return f"{self.family}r{gen:x}s{slot:x}b{bgen:x}"
+
+    def _unlink_blob(self, gen, slot, bgen, bcap) -> None:
+        if unlink_name(self._blob_name(gen, slot, bgen)):
+            W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, -bcap)
+            W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, -1)
+        with self.blob_lock:
+            old = self.blobs.pop((gen, slot), None)
+        if old is not None:
+            old[1].close()
+
+    def _blob_seg(self, gen: int, slot: int, bgen: int) -> Segment:
+        """This process's mapping of a slot's blob generation ``bgen``."""
+        key = (gen, slot)
+        with self.blob_lock:
+            have = self.blobs.get(key)
+            if have is not None and have[0] == bgen:
+                return have[1]
+        seg = Segment.attach(self._blob_name(gen, slot, bgen), kind=L.KIND_BLOB, what="message blob")
+        p = seg.params
+        if p[L.PB_GEN] != gen or p[L.PB_SLOT] != slot or p[L.PB_BLOBGEN] != bgen \
+                or L.BLOB_DATA + p[L.PB_CAPACITY] > seg.size:
+            seg.close()
+            raise CorruptSegment(f"blob {seg.name!r} of channel {self.name!r} has inconsistent parameters")
+        self._keep_blob(key, bgen, seg)
+        return seg
+
+    def _keep_blob(self, key, bgen, seg) -> None:
+        with self.blob_lock:
+            old = self.blobs.get(key)
+            self.blobs[key] = (bgen, seg)
+        if old is not None and old[1] is not seg:
+            old[1].close()
+
+    def _blob_for_write(self, ring: _Ring, pos: int, n: int) -> Segment:
+        """The blob of the claimed slot ``pos``, grown to hold ``n`` bytes."""
+        addr = ring.tx_addr
+        slot = pos % ring.cap
+        bgen = _SLOT_WORD(addr, pos, L.SL_BLOB_GEN)
+        bcap = _SLOT_WORD(addr, pos, L.SL_BLOB_CAP)
+        if bcap >= n:
+            try:
+                return self._blob_seg(ring.gen, slot, bgen)
+            except (SegmentNotFound, CorruptSegment):
+                pass
+        # Replace it. The slot's blob_gen always names the only blob that may
+        # exist for this slot: unlink it, bump the generation, then create.
+        self._unlink_blob(ring.gen, slot, bgen, bcap)
+        bgen += 1
+        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_GEN, bgen)
+        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
+        cap = max(BLOB_MIN, _round_pow2(n))
+        params = [ring.gen, slot, bgen, cap, 0, 0, 0, 0]
+        name = self._blob_name(ring.gen, slot, bgen)
+        kw = dict(name=name, family=self.family, public_name=self.name, params=params)
+        try:
+            seg = Segment.create(L.KIND_BLOB, L.BLOB_DATA + cap, **kw)
+        except SegmentExists:
+            unlink_name(name)     # left by a producer that died; the slot is ours
+            seg = Segment.create(L.KIND_BLOB, L.BLOB_DATA + cap, **kw)
+        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, cap)
+        W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, cap)
+        W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, 1)
+        self._keep_blob((ring.gen, slot), bgen, seg)
+        return seg
+
+    def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int) -> None:
+        """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure."""
+        try:
+            seg = self._blob_for_write(ring, pos, n)
+            at = L.BLOB_DATA
+            dst = seg.u8
+            for part in parts:
+                if isinstance(part, np.ndarray):
+                    src = part.reshape(-1).view(np.uint8)
+                else:
+                    src = np.frombuffer(part, np.uint8)
+                m = src.shape[0]
+                dst[at:at + m] = src
+                at += m
+        except BaseException:
+            _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
+            raise
+        _PUBLISH(ring.tx_addr, pos, n, kind, L.FLAG_BLOB)
+
+    def _read_blob(self, ring: _Ring, pos: int, meta: int):
+        """Decode the blob message of the claimed slot ``pos``, then release the slot."""
+        addr = ring.rx_addr
+        slot = pos % ring.cap
+        n = meta & L.META_LEN_MASK
+        kind = (meta >> L.META_KIND_SHIFT) & 0xFF
+        try:
+            bgen = _SLOT_WORD(addr, pos, L.SL_BLOB_GEN)
+            bcap = _SLOT_WORD(addr, pos, L.SL_BLOB_CAP)
+            if n > bcap:
+                raise CorruptSegment(f"a message of {n} bytes in a blob of {bcap}")
+            seg = self._blob_seg(ring.gen, slot, bgen)
+            view = memoryview(seg.u8)[L.BLOB_DATA:L.BLOB_DATA + n]
+            try:
+                return self.codec.decode(kind, view)
+            finally:
+                view.release()
+                sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)
+                if sealed or W.load(self.ctrl.w, L.CH_BLOB_BYTES >> 3) > BLOB_BUDGET:
+                    _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
+                    self._unlink_blob(ring.gen, slot, bgen, bcap)
+        except (SegmentNotFound, CorruptSegment) as e:
+            raise DecodeError(f"a large message on channel {self.name!r} was lost: {e}") from None
+        finally:
+            _RELEASE(addr, pos)
+
+    # ------------------------------------------------------------------
+    # Sending.
+
+    def parts_of(self, data):
+        """(kind, parts, total length) of what the codec made."""
+        if isinstance(data, tuple):
+            kind, parts = data
+        else:
+            kind, parts = self.kind, [data]
+        n = 0
+        for part in parts:
+            n += part.nbytes if isinstance(part, (np.ndarray, memoryview)) else len(part)
+        return kind, parts, n
+
+    def send(self, obj, data, deadline, blocking=True) -> None:
+        """The slow path of a send: blocking, large messages, generations, errors."""
+        self._check_open()
+        kind, parts, n = self.parts_of(data)
+        rendezvous = self.flavor == L.FLAVOR_RENDEZVOUS
+        if n <= self.inline:
+            payload = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else \
+                b"".join(p.reshape(-1).view(np.uint8).tobytes() if isinstance(p, np.ndarray) else bytes(p)
+                         for p in parts)
+            src = id(payload) + BYTES_OFF
+
+            def write(ring, pos):
+                r = _PUBLISH_INLINE(ring.tx_addr, pos, src, n, kind)
+                if r != R.OK:
+                    raise CorruptSegment(f"channel {self.name!r}: publishing a claimed slot failed")
+        else:
+            def write(ring, pos):
+                self._write_blob(ring, pos, kind, parts, n)
+
+        if rendezvous and not blocking and not self._receiver_waiting():
+            raise Full("no receiver is waiting on the rendezvous channel", message=obj)
+
+        def attempt():
+            ring = self.txr
+            r = _CLAIM(ring.tx_addr)
+            if r >= 0:
+                write(ring, r)
+                return (ring, r)
+            return self._push_status(r, ring, obj)
+
+        if not blocking:
+            res = _retrying(attempt)
+            if res is _wait.WOULD_BLOCK:
+                self._maybe_check_peers()
+                res = _retrying(attempt)
+            if res is _wait.WOULD_BLOCK:
+                raise Full(f"channel {self.name!r} is full", message=obj)
+        else:
+            res = _wait.block(lambda: _retrying(attempt), lambda s: self.park(L.ROLE_TX, s),
+                              deadline, self.check_peers)
+            if res is _wait.TIMED_OUT:
+                raise Full(f"channel {self.name!r} stayed full until the timeout", message=obj)
+        if rendezvous:
+            self._await_taken(obj, *res, deadline, blocking)
+
+    def _push_status(self, r, ring, obj):
+        if r == R.FULL:
+            if self.flavor == L.FLAVOR_UNBOUNDED:
+                self.on_full(ring)
+                return _RETRY
+            return _wait.WOULD_BLOCK
+        if r == R.SEALED:
+            self.on_sealed_tx(ring)
+            return _RETRY
+        if r == R.DISCONNECTED:
+            raise Disconnected(f"every receiver of channel {self.name!r} is gone; the message was not sent",
+                               message=obj)
+        if r == R.UNREGISTERED:
+            self.confirm(L.ROLE_TX)
+            return _RETRY
+        if r == R.CLOSED:
+            if self.closed:
+                raise Closed(f"channel {self.name!r} was closed in this process")
+            self.refresh_tx()
+            return _RETRY
+        raise CorruptSegment(f"channel {self.name!r}: unexpected ring status {R.STATUS_NAMES.get(r, r)}")
+
+    def _receiver_waiting(self) -> bool:
+        return self.registry.waiting_count(R.SIDE_RX) > 0
+
+    def _await_taken(self, obj, ring, pos, deadline, blocking):
+        """Rendezvous: wait until a receiver has taken our message, or take it back."""
+        if not blocking:
+            deadline = time.monotonic() + 0.01    # a waiting receiver takes it within microseconds
+
+        def attempt():
+            return None if _TAKEN(ring.tx_addr, pos) else _wait.WOULD_BLOCK
+
+        r = _wait.block(attempt, lambda s: self.park(L.ROLE_TX, s), deadline, self.check_peers)
+        if r is _wait.TIMED_OUT and _CANCEL(ring.tx_addr, pos):
+            raise Full(("no receiver was waiting" if not blocking else "no receiver took the message "
+                        "before the timeout") + f" (rendezvous channel {self.name!r})", message=obj)
+
+    def send_many(self, items, deadline) -> None:
+        """Send every item in order, inline ones batched into one kernel call."""
+        enc = self.encode
+        it = iter(items)
+        window: list = []          # (obj, data) encoded, not yet sent
+        exhausted = False
+        batchable = self.flavor != L.FLAVOR_RENDEZVOUS
+        while True:
+            while not exhausted and len(window) < BATCH:
+                try:
+                    obj = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                window.append((obj, enc(obj)))
+            if not window:
+                return
+            k = 0
+            if batchable:
+                while k < len(window) and type(window[k][1]) is bytes and len(window[k][1]) <= self.inline:
+                    k += 1
+            if k > 0:
+                batch = [d for _, d in window[:k]]
+                data = b"".join(batch)
+                offs = np.zeros(k + 1, np.int64)
+                np.cumsum([len(b) for b in batch], out=offs[1:])
+                r = _PUSH_MANY(self.tx_addr, id(data) + BYTES_OFF, len(data), offs.ctypes.data, k)
+                if r > 0:
+                    del window[:r]
+                    continue
+            obj, data = window[0]
+            try:
+                self.send(obj, data, deadline)
+            except (Full, Disconnected) as e:
+                e.message = [o for o, _ in window] + list(it)
+                raise
+            del window[0]
+
+    # ------------------------------------------------------------------
+    # Receiving.
+
+    def recv(self, r, deadline, blocking=True):
+        """The slow path of a receive, given the fast path's first result."""
+        rendezvous = self.flavor == L.FLAVOR_RENDEZVOUS and blocking
+        if rendezvous:
+            self._begin_wait(R.SIDE_RX)
+        try:
+            checked = False
+            while True:
+                if r >= 0:
+                    return self.decode_area(r)
+                if r <= R.BLOB_AREA:
+                    return self._decode_blob_area(r)
+                if r == R.EMPTY:
+                    if not blocking:
+                        if not checked and self._maybe_check_peers():
+                            checked = True
+                            r = _POP(self.rx_addr)
+                            continue
+                        raise Empty(f"channel {self.name!r} is empty")
+                    r = _wait.block(self._pop_attempt, lambda s: self.park(L.ROLE_RX, s), deadline,
+                                    self.check_peers, spin=self._pop_spin)
+                    if r is _wait.TIMED_OUT:
+                        raise Empty(f"nothing arrived on channel {self.name!r} before the timeout")
+                    continue
+                if r == R.DISCONNECTED:
+                    raise Disconnected(f"every sender of channel {self.name!r} is gone and it is empty")
+                if r == R.SEALED:
+                    self.on_sealed_rx(self.rxr)
+                elif r == R.UNREGISTERED:
+                    self.confirm(L.ROLE_RX)
+                elif r == R.CLOSED:
+                    if self.closed:
+                        raise Closed(f"channel {self.name!r} was closed in this process")
+                    self.refresh_rx()
+                elif r == R.CORRUPT:
+                    raise DecodeError(f"a message on channel {self.name!r} had an impossible length "
+                                      "and was dropped (corrupt segment?)")
+                else:
+                    raise CorruptSegment(f"channel {self.name!r}: unexpected ring status {r}")
+                r = _POP(self.rx_addr)
+        finally:
+            if rendezvous:
+                self._end_wait(R.SIDE_RX)
+
+    def _pop_attempt(self):
+        r = _POP(self.rx_addr)
+        return _wait.WOULD_BLOCK if r == R.EMPTY else r
+
+    def _pop_spin(self):
+        ring = self.rxr
+        r = self.nogil(ring, _POP_SPIN, ring.rx_addr, _wait.SPIN_STEPS)
+        return _wait.WOULD_BLOCK if r == R.EMPTY else r
+
+    def decode_area(self, r):
+        n = r >> R.LEN_SHIFT
+        off = ((r >> R.AREA_SHIFT) & (R.N_AREAS - 1)) * self.area
+        return self.codec.decode(r & 0xFF, self.scratch[off:off + n])
+
+    def _decode_blob_area(self, r):
+        off = (R.BLOB_AREA - r) * self.area
+        pos, meta = (int(x) for x in self._scratch_view[off:off + 16].view(np.int64))
+        ring = self.rxr
+        return self._read_blob(ring, pos, meta)
+
+    def recv_many(self, max_items: int, deadline, blocking=True) -> list:
+        """Up to ``max_items`` messages: waits for the first, then takes what is queued."""
+        out: list = []
+        while len(out) < max_items:
+            with self.batch_lock:
+                r = _POP_MANY(self.rx_addr, self.lens_addr, min(BATCH, max_items - len(out)))
+                if r > 0:
+                    at = self.area * R.N_AREAS
+                    sc = self.scratch
+                    dec = self.codec.decode
+                    lens = self.lens
+                    for j in range(r):
+                        v = int(lens[j])
+                        n = v & L.META_LEN_MASK
+                        out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
+                        at += n
+                    continue
+            if r == R.BLOB:
+                out.append(self.recv(_POP(self.rx_addr), deadline, False))
+                continue
+            if r in (R.SEALED, R.UNREGISTERED, R.CLOSED, R.CORRUPT) or (r == R.EMPTY and not out):
+                if r == R.EMPTY and out:
+                    return out
+                try:
+                    out.append(self.recv(r if r != R.CORRUPT else _POP(self.rx_addr), deadline, blocking))
+                except (Empty, Disconnected):
+                    if out:
+                        return out
+                    raise
+                continue
+            if out:
+                return out
+            if r == R.DISCONNECTED:
+                raise Disconnected(f"every sender of channel {self.name!r} is gone and it is empty")
+            raise CorruptSegment(f"channel {self.name!r}: unexpected ring status {r}")
+        return out
+
+    # ------------------------------------------------------------------
+    # Parking and peers.
+
+    def _begin_wait(self, side: int) -> None:
+        with self.wait_lock:
+            self.waiting[side] += 1
+            if self.waiting[side] == 1 and self.me >= 0:
+                self.registry.set_waiting(self.me, side)
+
+    def _end_wait(self, side: int) -> None:
+        with self.wait_lock:
+            self.waiting[side] -= 1
+            if self.waiting[side] == 0 and self.me >= 0 and not self.closed:
+                self.registry.clear_waiting(self.me, side)
+
+    def park(self, role: int, seconds: float) -> None:
+        """Sleep until the other side wakes us or ``seconds`` pass (lost-wake-up safe)."""
+        if self.closed:
+            return
+        side = R.SIDE_RX if role == L.ROLE_RX else R.SIDE_TX
+        ring = self.rxr if role == L.ROLE_RX else self.txr
+        addr = ring.rx_addr if role == L.ROLE_RX else ring.tx_addr
+        self._begin_wait(side)
+        try:
+            self.nogil(ring, _PARK, addr, side, int(seconds * 1e9))
+        finally:
+            self._end_wait(side)
+
+    def wake_all(self) -> None:
+        if not self.closed:
+            for side in (R.SIDE_RX, R.SIDE_TX):
+                _WAKE(self.rings[0].rx_addr, side, 1 << 30)
+
+    def _maybe_check_peers(self) -> int:
+        """Rate-limited check_peers, for non-blocking calls that keep failing."""
+        now = time.monotonic()
+        if now - self._last_check < _PEER_CHECK_NB:
+            return 0
+        self._last_check = now
+        return self.check_peers()
+
+    def check_peers(self) -> int:
+        """Reap dead participants, recovering the slots they held. Returns how many."""
+        with self.lock:
+            if self.closed or self.me < 0:
+                return 0
+            n = self.registry.sweep(on_reap=self._recover, skip=self.me)
+            if n:
+                W.fetch_add(self.ctrl.w, L.CH_REAPED >> 3, n)
+                self.wake_all()
+            return n
+
+    def _recover(self, dead: int) -> None:
+        gens = set(self.rings)
+        if self.flavor == L.FLAVOR_UNBOUNDED:
+            hg = W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3)
+            tg = W.load(self.ctrl.w, L.CH_TAIL_GEN >> 3)
+            gens |= set(range(hg, tg + 1))
+        for gen in sorted(gens):
+            ring = self.ring(gen)
+            if ring is None:
+                continue
+            saved = int(ring.dtx[R.D_ME])
+            ring.dtx[R.D_ME] = self.me     # recover_at takes slots over in our name
+            try:
+                r = self.nogil(ring, _RECOVER, ring.tx_addr, dead)
+            finally:
+                ring.dtx[R.D_ME] = saved
+            if r < 0:
+                continue
+            tombs, dropped = r & 0xFFFFFFFF, r >> 32
+            if tombs:
+                W.fetch_add(self.ctrl.w, L.CH_TOMBSTONES >> 3, tombs)
+            if dropped:
+                W.fetch_add(self.ctrl.w, L.CH_DROPPED >> 3, dropped)
+
+    # ------------------------------------------------------------------
+    # Introspection.
+
+    def positions(self) -> tuple[int, int]:
+        """(sent, received): the global tail and head positions."""
+        if self.flavor == L.FLAVOR_UNBOUNDED:
+            try:
+                self.refresh_tx()
+                self.refresh_rx()
+            except ShmError:
+                pass
+        return _COUNTER(self.txr.tx_addr, 0), _COUNTER(self.rxr.rx_addr, 1)
+
+    def depth(self) -> int:
+        if self.flavor == L.FLAVOR_RENDEZVOUS:
+            return 0
+        sent, received = self.positions()
+        d = max(0, sent - received)
+        return min(d, self.capacity) if self.flavor == L.FLAVOR_BOUNDED else d
+
+    def holders(self, role: int) -> int:
+        """Processes holding ``role`` (plus outstanding tokens)."""
+        return len(self.registry.role_holders(role)) + self.registry.token_count(role)
+
+    def counter(self, off: int) -> int:
+        return W.load(self.ctrl.w, off >> 3)
+
+    # ------------------------------------------------------------------
+    # Leaving.
+
+    def _detach(self) -> None:
+        """No handle of ours is open: leave, and unlink everything if we are the last."""
+        if self.closed:
+            return
+        with _OPEN_LOCK:
+            if _OPEN.get(self.name) is self:
+                del _OPEN[self.name]
+        reg = self.registry
+        last = False
+        if self.me >= 0 and reg.mine(self.me):
+            try:
+                reg.sweep(on_reap=self._recover, skip=self.me)
+            except ShmError:
+                pass
+            for side in (0, 1):
+                reg.clear_waiting(self.me, side)
+            reg.unregister(self.me)
+            last = self._last_out()
+        self.me = -1
+        self.wake_all()
+        self.closed = True
+        if last:
+            self._destroy()
+        self._unmap()
+
+    def _last_out(self) -> bool:
+        """Whether we are the last participant, claiming the right to unlink if so."""
+        reg = self.registry
+        if reg.live_entries() or reg.live_tokens():
+            return False
+        closing = (os.getpid() << 8) | L.SEG_CLOSING
+        if not self.ctrl.set_state(L.SEG_OPEN, closing):
+            return False
+        # Dekker with _register: a newcomer registers, then reads the state;
+        # we set CLOSING, then read the table. One of us sees the other.
+        if reg.live_entries():
+            self.ctrl.set_state(closing, L.SEG_OPEN)
+            return False
+        self.ctrl.set_state(closing, L.SEG_UNLINKED)
+        return True
+
+    def _destroy(self) -> None:
+        """Unlink every segment of this channel."""
+        for gen, ring in list(self.rings.items()):
+            for slot in range(ring.cap):
+                bcap = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_CAP)
+                bgen = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_GEN)
+                if bcap > 0 or bgen > 0:
+                    unlink_name(self._blob_name(gen, slot, bgen))
+            if gen > 0:
+                unlink_name(self._ring_name(gen))
+        unlink_family(self.family)
+        unlink_name(self.name)
+
+    def _unmap(self) -> None:
+        """Unmap everything once no GIL-free kernel call of ours is running."""
+        for ring in self.rings.values():
+            ring.invalidate()
+        deadline = time.monotonic() + 2.0
+        while self.inflight and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self.inflight:
+            return      # a thread is stuck in a kernel: leave the mappings to the garbage collector
+        with self.blob_lock:
+            blobs, self.blobs = self.blobs, {}
+        for _, seg in blobs.values():
+            seg.close()
+        for ring in self.rings.values():
+            ring.unmap()
+        self.ctrl.close()
+
+    def unlink(self) -> None:
+        """Unlink every segment now, whoever is still attached."""
+        with self.lock:
+            self._check_open()
+            self.ctrl.set_state(self.ctrl.state, L.SEG_UNLINKED)
+            self._destroy()
+
+
+def _retrying(attempt):
+    while True:
+        r = attempt()
+        if r is not _RETRY:
+            return r
+
+
+_PEER_CHECK_NB = 0.25
+
+
+def unlink_family(family: str) -> int:
+    """Unlink every segment whose name starts with ``family`` (Linux: listed from /dev/shm)."""
+    n = 0
+    if not family or not os.path.isdir("/dev/shm"):
+        return 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    for nm in names:
+        if nm.startswith(family) and nm != family:
+            n += unlink_name(nm)
+    return n
+
+
+# --------------------------------------------------------------------------
+# Process-wide hooks.
+
+def _before_fork():
+    with _OPEN_LOCK:
+        chans = list(_OPEN.values())
+    for c in chans:
+        try:
+            c.before_fork()
+        except Exception:
+            pass
+
+
+def _after_fork_parent():
+    for c in list(_OPEN.values()):
+        c.after_fork_parent()
+
+
+def _after_fork_child():
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.RLock()
+    for c in list(_OPEN.values()):
+        try:
+            c.after_fork_child()
+        except Exception:
+            pass
+    _install_mp_finalizer()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                    after_in_child=_after_fork_child)
+
+_HANDLES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close every handle this process holds (at exit)."""
+    for h in list(_HANDLES):
+        try:
+            h.close()
+        except Exception:
+            pass
+
+
+atexit.register(close_all)
+
+
+def _install_mp_finalizer():
+    # multiprocessing children leave through os._exit(), skipping atexit;
+    # their finalizers run first. _bootstrap() clears the finalizer registry
+    # after unpickling, then runs after-fork hooks, so we (re-)register there.
+    try:
+        from multiprocessing import util
+    except ImportError:  # pragma: no cover
+        return
+    util.Finalize(None, close_all, exitpriority=100)
+
+
+class _MpHook:
+    pass
+
+
+_mp_hook = _MpHook()
+
+
+def _register_mp_hook():
+    try:
+        from multiprocessing import util
+    except ImportError:  # pragma: no cover
+        return
+    util.register_after_fork(_mp_hook, lambda _: _install_mp_finalizer())
+
+
+_register_mp_hook()

@@ -1,0 +1,392 @@
+"""Channels between processes: bounded, unbounded and rendezvous.
+
+What flume and crossbeam-channel give Rust threads, for Python processes:
+multi-producer multi-consumer channels whose messages live in POSIX shared
+memory, moved by lock-free ring buffers (``kernels/ring.py``) with no pipe,
+no feeder thread and no manager process in the way.
+
+>>> import shm
+>>> tx, rx = shm.bounded(16)
+>>> tx.send({"job": 1})
+>>> rx.recv()
+{'job': 1}
+>>> tx.close(); rx.close()
+
+Flavors (all behind the same ``Sender``/``Receiver``):
+
+* ``bounded(n)``: at most ``n`` queued messages; ``send`` blocks when full.
+* ``unbounded()``: ``send`` never blocks; the queue grows in generations
+  of shared memory (like crossbeam's list flavour).
+* ``rendezvous()`` (``bounded(0)``): ``send`` returns once a receiver has
+  taken the message.
+
+Handles are process-safe and thread-safe, picklable (pass them to
+``multiprocessing.Process``, ``Pool`` or ``ProcessPoolExecutor`` under fork,
+spawn or forkserver), and can be re-opened by name from an unrelated process
+with ``Sender.open(name)``/``Receiver.open(name)``. Closing the last handle
+in every process unlinks the channel's shared memory.
+
+Disconnection: when every Sender is closed (or its process died, even by
+SIGKILL), receivers get what is still queued and then ``Disconnected``;
+when every Receiver is gone, ``send`` raises ``Disconnected`` carrying the
+unsent message. A dead peer is noticed within about a second.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels import layout as L
+from kernels import ring as R
+
+from . import _chan
+from ._chan import _POP, _PUSH, BYTES_OFF, _Chan
+from ._wait import deadline_of
+from .errors import Closed, Disconnected, Empty
+
+__all__ = ["bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats"]
+
+_FLAVOR_NAMES = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded", L.FLAVOR_RENDEZVOUS: "rendezvous"}
+
+
+def bounded(capacity: int, *, name: str | None = None, codec: str = "msgpack",
+            slot_size: int | None = None) -> tuple["Sender", "Receiver"]:
+    """A channel holding at most ``capacity`` messages; returns ``(Sender, Receiver)``.
+
+    ``capacity=0`` makes a rendezvous channel. ``name`` makes it openable by
+    that name from any process (default: a fresh unguessable name, still
+    reachable through the handles, which pickle by name). ``codec`` is
+    ``"msgpack"`` (default), ``"pickle"``, ``"bytes"`` or ``"numpy"``.
+    ``slot_size`` is the largest message in bytes carried inline in a slot
+    (default 224); larger messages travel through a per-slot blob segment.
+    """
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+    if capacity < 0:
+        raise ValueError("capacity must be >= 0 (0 makes a rendezvous channel)")
+    if capacity == 0:
+        return rendezvous(name=name, codec=codec, slot_size=slot_size)
+    if capacity > 1 << 30:
+        raise ValueError("capacity must be at most 2**30 (use unbounded() for an unlimited queue)")
+    return _pair(_Chan.create(L.FLAVOR_BOUNDED, capacity, name=name, codec=codec, slot_size=slot_size))
+
+
+def unbounded(*, name: str | None = None, codec: str = "msgpack",
+              slot_size: int | None = None) -> tuple["Sender", "Receiver"]:
+    """A channel whose ``send`` never blocks: it grows in shared-memory generations."""
+    return _pair(_Chan.create(L.FLAVOR_UNBOUNDED, 0, name=name, codec=codec, slot_size=slot_size))
+
+
+def rendezvous(*, name: str | None = None, codec: str = "msgpack",
+               slot_size: int | None = None) -> tuple["Sender", "Receiver"]:
+    """A channel of capacity 0: ``send`` completes only when a receiver takes the message."""
+    return _pair(_Chan.create(L.FLAVOR_RENDEZVOUS, 0, name=name, codec=codec, slot_size=slot_size))
+
+
+def _pair(chan: _Chan):
+    try:
+        tx = Sender._attach(chan)
+        rx = Receiver._attach(chan)
+    except BaseException:
+        chan.unlink()
+        raise
+    return tx, rx
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """A snapshot of a channel (racy by nature: other processes keep going)."""
+
+    name: str
+    flavor: str
+    codec: str
+    capacity: int | None
+    depth: int                 # messages queued now
+    sent: int                  # messages ever sent (claimed by senders)
+    received: int              # messages ever received (claimed by receivers)
+    senders: int               # processes holding a Sender (plus handles in transit)
+    receivers: int             # processes holding a Receiver (plus handles in transit)
+    waiting_senders: int       # processes parked in send
+    waiting_receivers: int     # processes parked in recv
+    recovered: int             # slots recovered from producers that died mid-send
+    lost: int                  # messages lost with consumers that died mid-receive
+    reaped: int                # dead participants cleaned up
+    blob_bytes: int            # shared memory held by large-message blobs
+    blob_segments: int
+
+
+class _Handle:
+    _role = -1
+    __slots__ = ("_c", "__weakref__")    # _c: the _Chan, None once closed
+
+    def __init__(self, *a, **k):
+        raise TypeError(f"use shm.bounded()/unbounded()/rendezvous() or {type(self).__name__}.open(name)")
+
+    @classmethod
+    def _attach(cls, chan: _Chan):
+        self = object.__new__(cls)
+        chan.acquire_role(cls._role)
+        self._c = chan
+        _chan._HANDLES.add(self)
+        return self
+
+    @classmethod
+    def open(cls, name: str):
+        """Attach to the channel ``name`` (made by any process of this user).
+
+        Raises ``SegmentNotFound`` if there is none, ``WrongKind`` if ``name``
+        is another kind of structure, ``IncompatibleSegment`` for another
+        layout version.
+        """
+        chan = _Chan.open(name)
+        try:
+            return cls._attach(chan)
+        except BaseException:
+            if chan.counts[0] == 0 and chan.counts[1] == 0:
+                chan._detach()
+            raise
+
+    def _chan(self) -> _Chan:
+        c = getattr(self, "_c", None)
+        if c is None:
+            raise Closed(f"this {type(self).__name__} was closed")
+        return c
+
+    # -- lifecycle --------------------------------------------------------
+    def close(self) -> None:
+        """Close this handle (idempotent). Other handles and processes go on.
+
+        The last handle of a role everywhere disconnects the other side; the
+        last handle of the channel everywhere unlinks its shared memory.
+        """
+        c = getattr(self, "_c", None)
+        if c is None:
+            return
+        self._c = None
+        _chan._HANDLES.discard(self)
+        c.release_role(self._role)
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_c", None) is None
+
+    def __enter__(self):
+        self._chan()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def clone(self):
+        """Another handle of the same kind on the same channel (like ``os.dup``)."""
+        return type(self).open(self._chan().name)
+
+    __copy__ = clone
+
+    def __deepcopy__(self, memo):
+        return self.clone()
+
+    def __reduce__(self):
+        c = self._chan()
+        token = None
+        if c.me >= 0:
+            token = c.registry.lend(self._role, L.TOKEN_PICKLE)
+        return _rebuild, (type(self), c.name, token)
+
+    # -- introspection ----------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The channel's name: ``Sender.open(name)`` attaches to it."""
+        return self._chan().name
+
+    @property
+    def capacity(self) -> int | None:
+        """Maximum queued messages: an int (0 for rendezvous), None if unbounded."""
+        c = self._chan()
+        return None if c.flavor == L.FLAVOR_UNBOUNDED else c.capacity
+
+    @property
+    def codec(self) -> str:
+        return self._chan().codec.name
+
+    def __len__(self) -> int:
+        """Messages queued now (approximate: other processes keep going)."""
+        return self._chan().depth()
+
+    def is_empty(self) -> bool:
+        return len(self) == 0
+
+    def is_full(self) -> bool:
+        c = self._chan()
+        return c.flavor == L.FLAVOR_BOUNDED and c.depth() >= c.capacity or c.flavor == L.FLAVOR_RENDEZVOUS
+
+    def stats(self) -> ChannelStats:
+        c = self._chan()
+        sent, received = c.positions()
+        return ChannelStats(
+            name=c.name, flavor=_FLAVOR_NAMES[c.flavor], codec=c.codec.name,
+            capacity=None if c.flavor == L.FLAVOR_UNBOUNDED else c.capacity,
+            depth=c.depth(), sent=sent, received=received,
+            senders=c.holders(L.ROLE_TX), receivers=c.holders(L.ROLE_RX),
+            waiting_senders=c.registry.waiting_count(R.SIDE_TX),
+            waiting_receivers=c.registry.waiting_count(R.SIDE_RX),
+            recovered=c.counter(L.CH_TOMBSTONES), lost=c.counter(L.CH_DROPPED),
+            reaped=c.counter(L.CH_REAPED), blob_bytes=c.counter(L.CH_BLOB_BYTES),
+            blob_segments=c.counter(L.CH_BLOB_SEGMENTS))
+
+    def kernel(self):
+        """The ring descriptor, for the non-blocking kernels in your own ``@njit`` code.
+
+        ``kernels.ring.try_push(d, payload, n)`` and ``try_pop(d, out)`` take
+        it; see ``examples/njit_pipeline.py``. Bounded channels only, and
+        payloads must fit a slot inline (``slot_size``). Recovery of dead
+        peers runs in the Python layer (any blocked call, or ``stats()``).
+        """
+        c = self._chan()
+        if c.flavor != L.FLAVOR_BOUNDED:
+            raise TypeError("kernel(): only bounded channels can be driven from @njit code")
+        c.confirm(self._role)
+        ring = c.rings[0]
+        return ring.dtx if self._role == L.ROLE_TX else ring.drx
+
+    def __repr__(self):
+        c = getattr(self, "_c", None)
+        if c is None:
+            return f"<shm.{type(self).__name__} closed>"
+        cap = "" if c.flavor != L.FLAVOR_BOUNDED else f"({c.capacity})"
+        try:
+            depth = c.depth()
+            tail = f" depth={depth} senders={c.holders(L.ROLE_TX)} receivers={c.holders(L.ROLE_RX)}"
+        except Exception:
+            tail = ""
+        return f"<shm.{type(self).__name__} {c.name!r} {_FLAVOR_NAMES[c.flavor]}{cap} codec={c.codec.name}{tail}>"
+
+
+def _rebuild(cls, name, token):
+    h = cls.open(name)
+    if token is not None:
+        h._c.registry.retire(*token)
+    return h
+
+
+class Sender(_Handle):
+    """The sending end of a channel."""
+
+    _role = L.ROLE_TX
+    __slots__ = ()
+
+    def send(self, obj, timeout: float | None = None) -> None:
+        """Send ``obj``, waiting up to ``timeout`` seconds for room (None: forever).
+
+        Raises ``Full`` (with ``.message``) on timeout, ``Disconnected`` (with
+        ``.message``) if no receiver is left, ``EncodeError`` (a TypeError) if
+        the codec cannot encode ``obj``; in each case nothing was sent.
+        """
+        c = self._c
+        if c is None:
+            raise Closed("this Sender was closed")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be a non-negative number of seconds (or None)")
+        data = c.encode(obj)
+        if type(data) is bytes and len(data) <= c.fast_inline and \
+                _PUSH(c.tx_addr, id(data) + BYTES_OFF, len(data)) == 0:
+            return
+        c.send(obj, data, deadline_of(timeout))
+
+    def try_send(self, obj) -> None:
+        """Send ``obj`` if there is room now, else raise ``Full`` (with ``.message``).
+
+        On a rendezvous channel, succeeds only if a receiver is waiting.
+        """
+        c = self._c
+        if c is None:
+            raise Closed("this Sender was closed")
+        data = c.encode(obj)
+        if type(data) is bytes and len(data) <= c.fast_inline and \
+                _PUSH(c.tx_addr, id(data) + BYTES_OFF, len(data)) == 0:
+            return
+        c.send(obj, data, None, blocking=False)
+
+    def send_many(self, items, timeout: float | None = None) -> None:
+        """Send every item of ``items`` in order, batching the kernel calls.
+
+        ``timeout`` bounds the whole call. On ``Full``/``Disconnected`` the
+        exception's ``.message`` is the list of items not sent.
+        """
+        c = self._chan()
+        c.send_many(items, deadline_of(timeout))
+
+    def is_disconnected(self) -> bool:
+        """True when no receiver is left (this also reaps receivers that died)."""
+        c = self._chan()
+        c._maybe_check_peers()
+        return not c.registry.has_role(L.ROLE_RX)
+
+
+class Receiver(_Handle):
+    """The receiving end of a channel. Iterating yields messages until disconnected."""
+
+    _role = L.ROLE_RX
+    __slots__ = ()
+
+    def recv(self, timeout: float | None = None):
+        """Receive the next message, waiting up to ``timeout`` seconds (None: forever).
+
+        Raises ``Empty`` on timeout and ``Disconnected`` once every sender is
+        gone and the channel is drained.
+        """
+        c = self._c
+        if c is None:
+            raise Closed("this Receiver was closed")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be a non-negative number of seconds (or None)")
+        r = _POP(c.rx_addr)
+        if r >= 0:
+            off = ((r >> 8) & 63) * c.area
+            return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+        return c.recv(r, deadline_of(timeout))
+
+    def try_recv(self):
+        """Receive a message if one is queued now, else raise ``Empty``."""
+        c = self._c
+        if c is None:
+            raise Closed("this Receiver was closed")
+        r = _POP(c.rx_addr)
+        if r >= 0:
+            off = ((r >> 8) & 63) * c.area
+            return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+        return c.recv(r, None, blocking=False)
+
+    def recv_many(self, max_items: int, timeout: float | None = None) -> list:
+        """Wait up to ``timeout`` for at least one message, then return up to ``max_items`` queued ones."""
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        return self._chan().recv_many(max_items, deadline_of(timeout))
+
+    def drain(self) -> list:
+        """Every message queued right now, without waiting (possibly ``[]``)."""
+        c = self._chan()
+        out = []
+        while True:
+            try:
+                out.extend(c.recv_many(_chan.BATCH, None, blocking=False))
+            except (Empty, Disconnected):
+                return out
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.recv()
+            except Disconnected:
+                return
+
+    def is_disconnected(self) -> bool:
+        """True when no sender is left (queued messages may remain)."""
+        c = self._chan()
+        c._maybe_check_peers()
+        return not c.registry.has_role(L.ROLE_TX)

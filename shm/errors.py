@@ -1,0 +1,109 @@
+"""Every error shm raises, under one base class.
+
+Errors say who caused them, as trio's do:
+
+* ``Closed``: *you* closed this handle, then used it.
+* ``Disconnected``: the *other side* is gone: every receiver (for a send) or
+  every sender (for a receive, once the queue is drained) has closed its
+  handle or its process has died.
+* ``Empty``/``Full``: the operation would block (or its timeout passed).
+  They subclass ``queue.Empty``/``queue.Full`` so code written for the
+  standard library's queues catches them unchanged.
+
+A failed send carries the message it did not send (``err.message``), as
+flume's ``SendError(msg)`` does, so nothing is lost.
+"""
+from __future__ import annotations
+
+import queue
+
+__all__ = [
+    "ShmError", "Empty", "Full", "Disconnected", "Closed", "SendTimeout",
+    "EncodeError", "DecodeError", "MessageTooLarge",
+    "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
+]
+
+
+class ShmError(Exception):
+    """Base class of every error raised by shm."""
+
+
+class Empty(ShmError, queue.Empty):
+    """Nothing to receive (``try_recv``, or ``recv`` after its timeout)."""
+
+
+class Full(ShmError, queue.Full):
+    """No room to send (``try_send``, or ``send`` after its timeout).
+
+    ``message`` is the object that was not sent.
+    """
+
+    def __init__(self, msg: str = "channel is full", message=None):
+        super().__init__(msg)
+        self.message = message
+
+
+class SendTimeout(Full):
+    """``send(timeout=...)`` gave up; ``message`` is the object not sent."""
+
+
+class Disconnected(ShmError):
+    """The other side is gone.
+
+    Raised by a send when no receiver is left, and by a receive when no
+    sender is left and everything queued has been received. A failed send
+    carries the unsent object as ``message``.
+    """
+
+    def __init__(self, msg: str = "the other side of the channel is gone", message=None):
+        super().__init__(msg)
+        self.message = message
+
+
+class Closed(ShmError):
+    """This handle was closed by your code and cannot be used any more."""
+
+
+class EncodeError(ShmError, TypeError):
+    """The channel's codec cannot encode this object. Nothing was sent."""
+
+
+class DecodeError(ShmError, ValueError):
+    """A received message could not be decoded with the channel's codec."""
+
+
+class MessageTooLarge(ShmError, ValueError):
+    """A message is larger than this structure can ever hold."""
+
+
+class SegmentError(ShmError, OSError):
+    """A problem with a shared-memory segment."""
+
+
+class SegmentNotFound(SegmentError, FileNotFoundError):
+    """No shared-memory segment has this name (or it was unlinked)."""
+
+
+class SegmentExists(SegmentError, FileExistsError):
+    """A shared-memory segment with this name already exists."""
+
+
+class IncompatibleSegment(SegmentError):
+    """The segment was made by another layout version of shm, or is not ours."""
+
+
+class CorruptSegment(SegmentError):
+    """The segment's header or contents fail validation."""
+
+
+class WrongKind(SegmentError):
+    """The segment holds another kind of structure (say, a dict opened as a channel)."""
+
+
+class OutOfSharedMemory(SegmentError, MemoryError):
+    """``/dev/shm`` has no room for the segment; nothing was left behind."""
+
+
+class TooManyParticipants(ShmError):
+    """Every participant slot of the structure is taken by live processes."""
