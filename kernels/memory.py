@@ -6,6 +6,13 @@ array). ``u8_at``/``i64_at`` turn an address back into an array view inside
 nopython code. Nothing here checks that the address is mapped: callers build
 addresses from live mappings and validated sizes only.
 
+Hazard: numba's dead-code elimination treats an array made by ``carray``
+(``u8_at``/``i64_at``) as a fresh local array, so a plain ``a[i] = v`` into
+it is *removed* when ``a`` is not used afterwards (a "dead store" into what
+is really shared memory; seen in practice). Kernels therefore write raw
+memory only through ``atomics.store`` (``"relaxed"`` when no ordering is
+needed: a plain store on x86, and a call numba never removes) or ``copy``.
+
 ``copy`` is the only way kernels move payload bytes. It refuses (returns -1)
 a negative length or a range outside either array instead of copying: a
 memcpy with a bad length corrupts memory far from the cause, and lengths in a

@@ -97,6 +97,10 @@ spins, then parks on a futex word of the channel's control block
 (``park``); every push and pop ends with a cheap check of the waiter bitmap
 (``_wake``) so a parked peer is woken at once and no wake-up is lost.
 
+Every store into shared memory is an ``atomics.store`` (``"relaxed"`` where
+no ordering is needed, a plain ``mov`` on x86) or a ``memory.copy``, never
+``w[i] = v``: see ``kernels/memory.py`` for why.
+
 Every kernel here takes a *descriptor*: a process-local ``int64[16]`` array
 (``D_*`` below) holding the validated addresses and sizes of the mapped
 segments. Kernels never trust sizes read from shared memory, and check every
@@ -348,7 +352,7 @@ def _claim_push(w, d, me):
 @jit(inline="always")
 def _publish(w, d, pos, meta):
     sw = _slot_off(d, pos) >> 3
-    w[sw + 1] = meta
+    A.store(w, sw + 1, meta, "relaxed")
     A.store(w, sw, stamp(pos, 0, PUBLISHED), "release")
 
 
@@ -563,8 +567,8 @@ def _pop_one(d, dst, aux):
             _wake(_ctrl(d), SIDE_TX, 1)
             continue
         if flags & L.FLAG_BLOB:
-            aux[0] = pos
-            aux[1] = meta
+            A.store(aux, 0, pos, "relaxed")
+            A.store(aux, 1, meta, "relaxed")
             return BLOB
         n = meta & L.META_LEN_MASK
         r = copy(dst, 0, b, off + L.SLOT_HEADER, n) if n <= _inline_cap(d) else -1
@@ -650,7 +654,7 @@ def try_pop_many(d, dst, lens, maxn):
             break
         copy(dst, at, b, off + L.SLOT_HEADER, n)
         _release(w, d, pos)
-        lens[got] = n | (((meta >> L.META_KIND_SHIFT) & 0xFF) << L.META_KIND_SHIFT)
+        A.store(lens, got, n | (((meta >> L.META_KIND_SHIFT) & 0xFF) << L.META_KIND_SHIFT), "relaxed")
         at += n
         got += 1
     if got > 0:
@@ -702,7 +706,7 @@ def set_slot_word_at(daddr, pos, field_off, value):
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    _words(d)[(_slot_off(d, pos) + field_off) >> 3] = value
+    A.store(_words(d), (_slot_off(d, pos) + field_off) >> 3, value, "relaxed")
     return OK
 
 
@@ -928,7 +932,7 @@ def recover_at(daddr, dead):
                 continue
             if _pdiff(tail & ~SEALED_BIT, pos) == 0 and (tail & SEALED_BIT) == 0:
                 A.cas(w, tw, tail, tail + 1, "relaxed")
-            w[sw + 1] = L.FLAG_TOMB << L.META_FLAGS_SHIFT
+            A.store(w, sw + 1, L.FLAG_TOMB << L.META_FLAGS_SHIFT, "relaxed")
             A.store(w, sw, stamp(pos, 0, PUBLISHED), "release")
             tombs += 1
         else:
@@ -959,15 +963,15 @@ def init_ring_at(seg_addr, seg_size, ring_off, args_addr):
     slot = a[1]
     base = a[2]
     r = ring_off >> 3
-    w[r + (L.RG_CAP >> 3)] = cap
-    w[r + (L.RG_SLOT >> 3)] = slot
-    w[r + (L.RG_BASE >> 3)] = base
-    w[r + (L.RG_GEN >> 3)] = a[3]
+    A.store(w, r + (L.RG_CAP >> 3), cap, "relaxed")
+    A.store(w, r + (L.RG_SLOT >> 3), slot, "relaxed")
+    A.store(w, r + (L.RG_BASE >> 3), base, "relaxed")
+    A.store(w, r + (L.RG_GEN >> 3), a[3], "relaxed")
     for j in range(cap):
         p = base + j
         sw = (ring_off + L.RING_HEADER + (p % cap) * slot) >> 3
-        w[sw] = stamp(p, 0, FREE)
-        w[sw + 1] = 0
+        A.store(w, sw, stamp(p, 0, FREE), "relaxed")
+        A.store(w, sw + 1, 0, "relaxed")
     A.store(w, r + (L.RG_HEAD >> 3), base, "relaxed")
     A.store(w, r + (L.RG_TAIL >> 3), base, "release")
     return OK

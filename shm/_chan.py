@@ -166,18 +166,20 @@ class _Ring:
             d[R.D_CTRL] = chan.ctrl.addr
             d[R.D_CTRL_SIZE] = chan.ctrl.size
             d[R.D_KIND] = chan.codec.kind
-        self.drx[R.D_DST] = chan.scratch_addr
-        self.drx[R.D_DST_SIZE] = chan.scratch_size
-        self.drx[R.D_AREA_SIZE] = chan.area
-        self.drx[R.D_BATCH] = chan.area * R.N_AREAS
+        chan.rx0.fill(self.drx)
+        self.rx_extra: list[np.ndarray] = []     # other threads' receive descriptors (_Rx)
         self.tx_addr = self.dtx.ctypes.data
         self.rx_addr = self.drx.ctypes.data
 
     def set_me(self, role: int, me: int) -> None:
-        (self.dtx if role == L.ROLE_TX else self.drx)[R.D_ME] = me
+        if role == L.ROLE_TX:
+            self.dtx[R.D_ME] = me
+        else:
+            for d in [self.drx] + self.rx_extra:
+                d[R.D_ME] = me
 
     def invalidate(self) -> None:
-        for d in (self.dtx, self.drx):
+        for d in [self.dtx, self.drx] + self.rx_extra:
             d[R.D_SIZE] = 0
             d[R.D_CTRL_SIZE] = 0
 
@@ -185,6 +187,51 @@ class _Ring:
         self.invalidate()
         if self.own:
             self.seg.close()
+
+
+class _Rx:
+    """One thread's receive state: its receive areas and its descriptor on each ring.
+
+    ``pop_at`` copies a message into one of ``N_AREAS`` areas, round robin,
+    and Python then copies it out. A thread descheduled between the two for
+    a GIL switch interval (5 ms) could see its area reused, so threads never
+    share areas: the thread that made or opened the channel keeps the
+    one-call fast path, and every other thread gets its own ``_Rx``.
+    """
+
+    def __init__(self, chan: "_Chan", primary: bool):
+        self.primary = primary
+        self.area = chan.area
+        self.scratch_size = chan.scratch_size
+        # MAP_PRIVATE: Python's anonymous mmap is MAP_SHARED by default, and a
+        # receive buffer shared with forked children would mix their messages.
+        self.scratch = mmap.mmap(-1, self.scratch_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.view = np.frombuffer(self.scratch, np.uint8)
+        self.scratch_addr = self.view.ctypes.data
+        self.lens = np.zeros(BATCH, np.int64)
+        self.lens_addr = self.lens.ctypes.data
+        self.descs: dict[int, tuple[np.ndarray, int]] = {}
+
+    def fill(self, d: np.ndarray) -> None:
+        d[R.D_DST] = self.scratch_addr
+        d[R.D_DST_SIZE] = self.scratch_size
+        d[R.D_AREA_SIZE] = self.area
+        d[R.D_BATCH] = self.area * R.N_AREAS
+        d[R.D_NEXT_AREA] = 0
+
+    def addr(self, ring: _Ring) -> int:
+        """This thread's descriptor address on ``ring``."""
+        if self.primary:
+            return ring.rx_addr
+        e = self.descs.get(ring.gen)
+        if e is None:
+            d = ring.drx.copy()
+            self.fill(d)
+            ring.rx_extra.append(d)
+            for g in [g for g in self.descs if g < ring.gen - 1]:
+                del self.descs[g]
+            e = self.descs[ring.gen] = (d, d.ctypes.data)
+        return e[1]
 
 
 class _Chan:
@@ -222,14 +269,13 @@ class _Chan:
         self.registry = Registry(ctrl, lay["participants"], lay["tokens"],
                                  (L.CH_TX_ROLES, L.CH_RX_ROLES), (L.CH_TX_TOKENS, L.CH_RX_TOKENS),
                                  (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
-        # Receive buffer: N_AREAS areas for single pops, then a batch region.
+        # Receive buffers: N_AREAS areas for single pops, then a batch region.
         self.area = max(64, (self.inline + 63) // 64 * 64)
         self.scratch_size = self.area * R.N_AREAS + self.inline * BATCH
-        self.scratch = mmap.mmap(-1, self.scratch_size)
-        self._scratch_view = np.frombuffer(self.scratch, np.uint8)
-        self.scratch_addr = self._scratch_view.ctypes.data
-        self.lens = np.zeros(BATCH, np.int64)
-        self.lens_addr = self.lens.ctypes.data
+        self.rx0 = _Rx(self, primary=True)
+        self.scratch = self.rx0.scratch          # the fast path's (rx_tid's) receive areas
+        self.rx_tid = threading.get_ident()
+        self.rx_states: dict[int, _Rx] = {}
         self.me = -1
         self.counts = [0, 0]             # open handles per role in this process
         self.confirmed = [False, False]  # the role's descriptors carry D_ME
@@ -240,7 +286,6 @@ class _Chan:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
         self.blob_lock = threading.Lock()
-        self.batch_lock = threading.Lock()
         self.blobs: dict[tuple[int, int], tuple[int, Segment]] = {}
         r0 = _Ring(self, 0, ctrl, False, lay["ring"], ring_cap)
         self.rings: dict[int, _Ring] = {0: r0}
@@ -430,7 +475,6 @@ class _Chan:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
         self.blob_lock = threading.Lock()
-        self.batch_lock = threading.Lock()
         self.waiting = [0, 0]
         self.inflight = 0
         for ring in self.rings.values():
@@ -837,21 +881,31 @@ class _Chan:
                         "before the timeout") + f" (rendezvous channel {self.name!r})", message=obj)
 
     def send_many(self, items, deadline) -> None:
-        """Send every item in order, inline ones batched into one kernel call."""
+        """Send every item in order, inline ones batched into one kernel call.
+
+        Items are encoded just ahead of sending: if one cannot be encoded,
+        every item before it is sent, then the EncodeError is raised.
+        """
         enc = self.encode
         it = iter(items)
         window: list = []          # (obj, data) encoded, not yet sent
         exhausted = False
+        failed = None
         batchable = self.flavor != L.FLAVOR_RENDEZVOUS
         while True:
-            while not exhausted and len(window) < BATCH:
+            while not exhausted and failed is None and len(window) < BATCH:
                 try:
                     obj = next(it)
                 except StopIteration:
                     exhausted = True
                     break
-                window.append((obj, enc(obj)))
+                try:
+                    window.append((obj, enc(obj)))
+                except Exception as e:
+                    failed = e
             if not window:
+                if failed is not None:
+                    raise failed
                 return
             k = 0
             if batchable:
@@ -870,34 +924,47 @@ class _Chan:
             try:
                 self.send(obj, data, deadline)
             except (Full, Disconnected) as e:
-                e.message = [o for o, _ in window] + list(it)
+                e.message = [o for o, _ in window] + ([] if failed is not None else list(it))
                 raise
             del window[0]
 
     # ------------------------------------------------------------------
     # Receiving.
 
-    def recv(self, r, deadline, blocking=True):
-        """The slow path of a receive, given the fast path's first result."""
+    def rx_state(self) -> _Rx:
+        """The calling thread's receive state."""
+        ident = threading.get_ident()
+        if ident == self.rx_tid:
+            return self.rx0
+        st = self.rx_states.get(ident)
+        if st is None:
+            with self.lock:
+                st = self.rx_states.setdefault(ident, _Rx(self, primary=False))
+        return st
+
+    def recv(self, st: _Rx, r, deadline, blocking=True):
+        """The slow path of a receive, given the fast path's first result (or None)."""
         rendezvous = self.flavor == L.FLAVOR_RENDEZVOUS and blocking
         if rendezvous:
             self._begin_wait(R.SIDE_RX)
         try:
             checked = False
+            if r is None:
+                r = _POP(st.addr(self.rxr))
             while True:
                 if r >= 0:
-                    return self.decode_area(r)
+                    return self.decode_area(st, r)
                 if r <= R.BLOB_AREA:
-                    return self._decode_blob_area(r)
+                    return self._decode_blob_area(st, r)
                 if r == R.EMPTY:
                     if not blocking:
                         if not checked and self._maybe_check_peers():
                             checked = True
-                            r = _POP(self.rx_addr)
+                            r = _POP(st.addr(self.rxr))
                             continue
                         raise Empty(f"channel {self.name!r} is empty")
-                    r = _wait.block(self._pop_attempt, lambda s: self.park(L.ROLE_RX, s), deadline,
-                                    self.check_peers, spin=self._pop_spin)
+                    r = _wait.block(lambda: self._pop_attempt(st), lambda s: self.park(L.ROLE_RX, s),
+                                    deadline, self.check_peers, spin=lambda: self._pop_spin(st))
                     if r is _wait.TIMED_OUT:
                         raise Empty(f"nothing arrived on channel {self.name!r} before the timeout")
                     continue
@@ -916,66 +983,59 @@ class _Chan:
                                       "and was dropped (corrupt segment?)")
                 else:
                     raise CorruptSegment(f"channel {self.name!r}: unexpected ring status {r}")
-                r = _POP(self.rx_addr)
+                r = _POP(st.addr(self.rxr))
         finally:
             if rendezvous:
                 self._end_wait(R.SIDE_RX)
 
-    def _pop_attempt(self):
-        r = _POP(self.rx_addr)
+    def _pop_attempt(self, st: _Rx):
+        r = _POP(st.addr(self.rxr))
         return _wait.WOULD_BLOCK if r == R.EMPTY else r
 
-    def _pop_spin(self):
+    def _pop_spin(self, st: _Rx):
         ring = self.rxr
-        r = self.nogil(ring, _POP_SPIN, ring.rx_addr, _wait.SPIN_STEPS)
+        r = self.nogil(ring, _POP_SPIN, st.addr(ring), _wait.SPIN_STEPS)
         return _wait.WOULD_BLOCK if r == R.EMPTY else r
 
-    def decode_area(self, r):
+    def decode_area(self, st: _Rx, r):
         n = r >> R.LEN_SHIFT
         off = ((r >> R.AREA_SHIFT) & (R.N_AREAS - 1)) * self.area
-        return self.codec.decode(r & 0xFF, self.scratch[off:off + n])
+        return self.codec.decode(r & 0xFF, st.scratch[off:off + n])
 
-    def _decode_blob_area(self, r):
+    def _decode_blob_area(self, st: _Rx, r):
         off = (R.BLOB_AREA - r) * self.area
-        pos, meta = (int(x) for x in self._scratch_view[off:off + 16].view(np.int64))
-        ring = self.rxr
-        return self._read_blob(ring, pos, meta)
+        pos, meta = (int(x) for x in st.view[off:off + 16].view(np.int64))
+        return self._read_blob(self.rxr, pos, meta)
 
     def recv_many(self, max_items: int, deadline, blocking=True) -> list:
         """Up to ``max_items`` messages: waits for the first, then takes what is queued."""
+        st = self.rx_state()
         out: list = []
+        dec = self.codec.decode
         while len(out) < max_items:
-            with self.batch_lock:
-                r = _POP_MANY(self.rx_addr, self.lens_addr, min(BATCH, max_items - len(out)))
-                if r > 0:
-                    at = self.area * R.N_AREAS
-                    sc = self.scratch
-                    dec = self.codec.decode
-                    lens = self.lens
-                    for j in range(r):
-                        v = int(lens[j])
-                        n = v & L.META_LEN_MASK
-                        out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
-                        at += n
-                    continue
+            r = _POP_MANY(st.addr(self.rxr), st.lens_addr, min(BATCH, max_items - len(out)))
+            if r > 0:
+                at = self.area * R.N_AREAS
+                sc = st.scratch
+                lens = st.lens
+                for j in range(r):
+                    v = int(lens[j])
+                    n = v & L.META_LEN_MASK
+                    out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
+                    at += n
+                continue
             if r == R.BLOB:
-                out.append(self.recv(_POP(self.rx_addr), deadline, False))
-                continue
-            if r in (R.SEALED, R.UNREGISTERED, R.CLOSED, R.CORRUPT) or (r == R.EMPTY and not out):
-                if r == R.EMPTY and out:
-                    return out
-                try:
-                    out.append(self.recv(r if r != R.CORRUPT else _POP(self.rx_addr), deadline, blocking))
-                except (Empty, Disconnected):
-                    if out:
-                        return out
-                    raise
-                continue
-            if out:
+                r = None        # the single-message path takes blobs
+            elif r == R.EMPTY and out:
                 return out
-            if r == R.DISCONNECTED:
-                raise Disconnected(f"every sender of channel {self.name!r} is gone and it is empty")
-            raise CorruptSegment(f"channel {self.name!r}: unexpected ring status {r}")
+            elif r == R.DISCONNECTED and out:
+                return out
+            try:
+                out.append(self.recv(st, r, deadline, blocking))
+            except (Empty, Disconnected):
+                if out:
+                    return out
+                raise
         return out
 
     # ------------------------------------------------------------------

@@ -34,6 +34,7 @@ unsent message. A dead peer is noticed within about a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from threading import get_ident as _get_ident
 
 from kernels import layout as L
 from kernels import ring as R
@@ -345,22 +346,26 @@ class Receiver(_Handle):
             raise Closed("this Receiver was closed")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be a non-negative number of seconds (or None)")
-        r = _POP(c.rx_addr)
-        if r >= 0:
-            off = ((r >> 8) & 63) * c.area
-            return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
-        return c.recv(r, deadline_of(timeout))
+        if _get_ident() == c.rx_tid:
+            r = _POP(c.rx_addr)
+            if r >= 0:
+                off = ((r >> 8) & 63) * c.area
+                return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+            return c.recv(c.rx0, r, deadline_of(timeout))
+        return c.recv(c.rx_state(), None, deadline_of(timeout))
 
     def try_recv(self):
         """Receive a message if one is queued now, else raise ``Empty``."""
         c = self._c
         if c is None:
             raise Closed("this Receiver was closed")
-        r = _POP(c.rx_addr)
-        if r >= 0:
-            off = ((r >> 8) & 63) * c.area
-            return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
-        return c.recv(r, None, blocking=False)
+        if _get_ident() == c.rx_tid:
+            r = _POP(c.rx_addr)
+            if r >= 0:
+                off = ((r >> 8) & 63) * c.area
+                return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+            return c.recv(c.rx0, r, None, blocking=False)
+        return c.recv(c.rx_state(), None, None, blocking=False)
 
     def recv_many(self, max_items: int, timeout: float | None = None) -> list:
         """Wait up to ``timeout`` for at least one message, then return up to ``max_items`` queued ones."""

@@ -46,7 +46,14 @@ _ND_HEAD = struct.Struct("<BBHI")   # version, ndim, dtype-descr length, reserve
 
 
 class Codec:
-    """Base class: ``encode(obj) -> bytes``; ``decode(kind, buf) -> obj``."""
+    """Base class.
+
+    ``encode(obj)`` returns either ``bytes`` (a message of the codec's
+    default ``kind``: the channels' one-call fast path) or a tuple
+    ``(kind, [buffers])`` whose concatenation is the message (the numpy
+    codec's arrays: header, then the array itself, copied once into shared
+    memory). ``decode(kind, buf)`` turns a message back into an object.
+    """
 
     id = -1
     name = "?"
@@ -55,10 +62,6 @@ class Codec:
 
     def encode(self, obj):
         raise NotImplementedError
-
-    def encode_parts(self, obj):
-        """(kind, [buffers]) whose concatenation is the message."""
-        return self.kind, [self.encode(obj)]
 
     def decode(self, kind, buf):
         raise NotImplementedError
@@ -158,16 +161,10 @@ class NumpyCodec(MsgpackCodec):
     kind = K_MSGPACK
     kinds = frozenset({K_MSGPACK, K_NDARRAY})
 
-    def encode_parts(self, obj):
-        if isinstance(obj, np.ndarray):
-            head, arr = encode_ndarray(obj)
-            return K_NDARRAY, [head, arr]
-        return K_MSGPACK, [self.encode(obj)]
-
     def encode(self, obj):
         if isinstance(obj, np.ndarray):
             head, arr = encode_ndarray(obj)
-            return head + arr.tobytes()
+            return K_NDARRAY, [head, arr]
         return super().encode(obj)
 
     def decode(self, kind, buf):
@@ -188,7 +185,8 @@ def _descr(dtype: np.dtype) -> bytes:
 
 def encode_ndarray(arr: np.ndarray):
     """(header bytes, C-contiguous array); the header's length is a multiple of 16."""
-    a = np.ascontiguousarray(arr)
+    # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
+    a = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(arr.shape)
     descr = _descr(a.dtype)
     body = _ND_HEAD.pack(1, a.ndim, len(descr), 0) + descr + struct.pack(f"<{a.ndim}q", *a.shape)
     pad = (-len(body)) % 16

@@ -1,0 +1,162 @@
+"""Functions that child processes run in the channel tests (importable under spawn)."""
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+
+import shm
+
+# A checked message: producer id, sequence number, payload length, crc32, payload.
+_HEAD = struct.Struct("<iqiI")
+
+
+def payload_len(seq: int, big_every: int = 0) -> int:
+    """Message sizes vary: most fit a slot inline, some straddle it, a few are blobs."""
+    if big_every and seq % big_every == big_every - 1:
+        return 70_000 + (seq % 7) * 1000
+    return (seq * 37) % 300
+
+
+def make_msg(pid_tag: int, seq: int, big_every: int = 0) -> bytes:
+    n = payload_len(seq, big_every)
+    body = bytes((seq + k) & 0xFF for k in range(min(n, 64))) * (n // 64 + 1)
+    body = body[:n]
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("<iq", pid_tag, seq)))
+    return _HEAD.pack(pid_tag, seq, n, crc) + body
+
+
+def check_msg(m: bytes) -> tuple[int, int]:
+    """(producer tag, seq) of a checked message; raises AssertionError if corrupt."""
+    tag, seq, n, crc = _HEAD.unpack_from(m, 0)
+    body = m[_HEAD.size:]
+    assert len(body) == n, f"length {len(body)} != {n}"
+    assert zlib.crc32(body, zlib.crc32(struct.pack("<iq", tag, seq))) == crc, f"corrupt message {tag}/{seq}"
+    return tag, seq
+
+
+# --------------------------------------------------------------------------
+# Simple roles.
+
+def produce(tx, tag: int, n: int, big_every: int = 0, close: bool = True):
+    for i in range(n):
+        tx.send(make_msg(tag, i, big_every))
+    if close:
+        tx.close()
+
+
+def produce_ints(tx, start: int, n: int):
+    for i in range(start, start + n):
+        tx.send(i)
+    tx.close()
+
+
+def produce_by_name(name: str, start: int, n: int):
+    with shm.Sender.open(name) as tx:
+        for i in range(start, start + n):
+            tx.send(i)
+
+
+def collect(rx, out_tx):
+    """Receive until disconnected; send back the list of what arrived."""
+    got = list(rx)
+    rx.close()
+    out_tx.send(got)
+    out_tx.close()
+
+
+def collect_count(rx, out_tx):
+    n = 0
+    for _ in rx:
+        n += 1
+    out_tx.send(n)
+
+
+def echo(rx, tx, n: int):
+    for _ in range(n):
+        tx.send(rx.recv())
+
+
+def block_recv_report(rx, out_tx):
+    """Block in recv; report what ended the wait."""
+    try:
+        out_tx.send(("msg", rx.recv(timeout=60)))
+    except shm.Disconnected:
+        out_tx.send(("disconnected", None))
+    except shm.Empty:
+        out_tx.send(("timeout", None))
+
+
+def block_send_report(tx, out_tx, n_fill: int):
+    try:
+        for i in range(n_fill + 1):
+            tx.send(i, timeout=60)
+        out_tx.send(("sent", None))
+    except shm.Disconnected as e:
+        out_tx.send(("disconnected", e.message))
+    except shm.Full:
+        out_tx.send(("timeout", None))
+
+
+def linearizable(tx, rx, rounds: int, out_tx):
+    """crossbeam's `linearizable`: send, then try_recv must find something."""
+    bad = 0
+    for i in range(rounds):
+        tx.send(i)
+        try:
+            rx.try_recv()
+        except shm.Empty:
+            bad += 1
+    out_tx.send(bad)
+
+
+def pool_task(args):
+    tx, i = args
+    tx.send(i * i)
+    return i
+
+
+def pool_consume(rx, n):
+    return sorted(rx.recv(timeout=30) for _ in range(n))
+
+
+# --------------------------------------------------------------------------
+# Kill-test roles: results go through a raw pipe of fixed-size records, so a
+# SIGKILL can never corrupt or wedge the reporting channel.
+
+REC = struct.Struct("<iq")
+
+
+def checked_consumer(rx, fd: int):
+    """Receive checked messages until disconnected, logging (tag, seq) to a pipe."""
+    for m in rx:
+        tag, seq = check_msg(m)
+        os.write(fd, REC.pack(tag, seq))
+    os.close(fd)
+
+
+def read_records(fd: int) -> list[tuple[int, int]]:
+    data = bytearray()
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    n = len(data) // REC.size
+    return [REC.unpack_from(data, i * REC.size) for i in range(n)]
+
+
+def parked_receiver(name: str, fd: int):
+    rx = shm.Receiver.open(name)
+    os.write(fd, b"r")
+    try:
+        rx.recv(timeout=120)
+    except shm.ShmError:
+        pass
+
+
+def spin_forever():
+    while True:
+        time.sleep(1)

@@ -1,0 +1,197 @@
+"""kernels.layout: every offset follows from its declaration.
+
+The offsets are recomputed here from the declared fields, independently of
+``Layout.__init__``, and checked against the layouts and against the module
+constants the kernels actually use (numba freezes those at compile time, so
+a constant that drifted from its layout would silently address the wrong
+word).
+"""
+from __future__ import annotations
+
+import pytest
+
+from kernels import layout as L
+
+LAYOUTS = {name: obj for name, obj in vars(L).items() if isinstance(obj, L.Layout)}
+LINE = L.CACHE_LINE
+
+
+def test_the_layouts_we_expect_are_declared():
+    assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT"}
+    assert LINE == 128 and L.WORD == 8
+
+
+def _end(layout, name):
+    f = layout.fields[name]
+    return layout[name] + (LINE if f.hot else f.size)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_offsets_follow_the_declaration(name):
+    lay = LAYOUTS[name]
+    assert list(lay.offsets) == list(lay.fields)            # every field placed, in declared order
+    expected = 0
+    for fname, f in lay.fields.items():
+        align = LINE if f.hot else f.align
+        expected = -(-expected // align) * align            # round up to the declared alignment
+        assert lay[fname] == expected, f"{name}.{fname} at {lay[fname]}, declared order puts it at {expected}"
+        assert lay[fname] % align == 0
+        expected += LINE if f.hot else f.size
+    # The size covers every field, is a multiple of the layout's alignment,
+    # and (where a size was declared) is exactly that size.
+    assert lay.size >= expected
+    assert lay.size % lay.align == 0
+
+
+def test_declared_sizes():
+    assert L.SEGMENT.size == L.SEG_HEADER == 256
+    assert L.PARTICIPANT.size == L.PT_SIZE == 64
+    assert L.TOKEN.size == L.TK_SIZE == 32
+    assert L.SLOT.size == L.SLOT_HEADER == 32
+    assert L.RING.size % LINE == 0 and L.CHANNEL.size % LINE == 0
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_atomic_fields_are_whole_aligned_words(name):
+    lay = LAYOUTS[name]
+    for fname, f in lay.fields.items():
+        if f.atomic:
+            assert lay[fname] % 8 == 0, f"{name}.{fname} at {lay[fname]} is not 8-byte aligned"
+            assert f.size % 8 == 0 and f.size >= 8, f"{name}.{fname} is not made of whole words"
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_hot_fields_own_their_cache_line(name):
+    lay = LAYOUTS[name]
+    for hot, f in lay.fields.items():
+        if not f.hot:
+            continue
+        start = lay[hot]
+        assert start % LINE == 0, f"{name}.{hot} does not start a cache line"
+        assert f.size <= LINE, f"{name}.{hot} is larger than its cache line"
+        for other, g in lay.fields.items():
+            if other == hot:
+                continue
+            lo, hi = lay[other], lay[other] + g.size
+            assert hi <= start or lo >= start + LINE, f"{name}.{other} shares the cache line of {hot}"
+
+
+def test_at_least_the_ring_ends_and_futex_words_are_hot():
+    assert L.RING.fields["head"].hot and L.RING.fields["tail"].hot
+    for f in ("rx_seq", "tx_seq", "rx_waiters", "tx_waiters"):
+        assert L.CHANNEL.fields[f].hot and L.CHANNEL.fields[f].atomic
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_fields_do_not_overlap(name):
+    lay = LAYOUTS[name]
+    spans = sorted((lay[n], lay[n] + f.size, n) for n, f in lay.fields.items())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        assert end <= start, f"{name}.{a} overlaps {name}.{b}"
+    assert spans[-1][1] <= lay.size
+
+
+def test_segment_header():
+    S = L.SEGMENT
+    assert S.size == 256
+    # Everything but the state word is immutable and covered by the CRC; the
+    # state word (mutable) comes after the CRC so it is not covered.
+    assert list(S.fields)[-2:] == ["crc", "state"]
+    assert L.SEG_CRC + 8 <= L.SEG_STATE
+    assert all(S[n] + f.size <= L.SEG_CRC for n, f in S.fields.items() if n not in ("crc", "state"))
+    assert S.fields["state"].atomic and L.SEG_STATE % 8 == 0
+    assert L.SEG_STATE + 8 <= 256
+    # The header ends where the first kind-specific structure may start.
+    assert L.CH_BASE == L.BLOB_DATA == L.SEG_HEADER == 256
+    assert L.FAMILY_LEN == 16 and L.NAME_LEN == 64      # a 63-character name fits, NUL-padded
+    assert L.MAGIC == int.from_bytes(b"SHMPLAN1", "little")
+
+
+def test_bitmaps_hold_every_participant():
+    assert L.BITMAP_WORDS * 64 == L.MAX_PARTICIPANTS
+    for f in ("rx_waiters", "tx_waiters", "tx_roles", "rx_roles"):
+        assert L.CHANNEL.fields[f].size == 8 * L.BITMAP_WORDS
+    assert L.MAX_TOKENS <= 64                             # one bitmap word per role
+    assert L.MAX_PARTICIPANTS <= 256                      # one byte of owner in a slot stamp
+
+
+CAPACITIES = [1, 2, 3, 7, 64, 1000, 4096]
+SLOTS = [L.MIN_SLOT, 128, 192, 1024, 65536]
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+@pytest.mark.parametrize("cap", CAPACITIES)
+def test_channel_layout(cap, slot):
+    lay = L.channel_layout(cap, slot)
+    parts, toks, ring, size = lay["participants"], lay["tokens"], lay["ring"], lay["size"]
+    for off in (parts, toks, ring):
+        assert off % LINE == 0
+    # header | control block | participants | tokens | ring header | slots, in order, disjoint.
+    assert L.CH_END <= parts
+    assert parts + L.MAX_PARTICIPANTS * L.PT_SIZE <= toks
+    assert toks + L.MAX_TOKENS * L.TK_SIZE <= ring
+    assert ring + L.RING_HEADER + cap * slot == size
+    # Every atomic word of every participant, token and slot is 8-byte aligned.
+    assert all((parts + k * L.PT_SIZE + L.PT_STATE) % 8 == 0 for k in range(L.MAX_PARTICIPANTS))
+    assert all((toks + k * L.TK_SIZE + L.TK_STATE) % 8 == 0 for k in range(L.MAX_TOKENS))
+    slots = ring + L.RING_HEADER
+    assert slots % LINE == 0
+    assert all((slots + k * slot + L.SL_STAMP) % 8 == 0 for k in range(min(cap, 64)))
+    # The ring's hot words sit on their own lines in absolute terms too.
+    assert (ring + L.RG_HEAD) % LINE == 0 and (ring + L.RG_TAIL) % LINE == 0
+
+
+@pytest.mark.parametrize("slot", SLOTS)
+@pytest.mark.parametrize("cap", CAPACITIES)
+def test_ring_layout(cap, slot):
+    lay = L.ring_layout(cap, slot)
+    assert lay["ring"] % LINE == 0
+    assert lay["ring"] >= L.SEG_HEADER
+    assert lay["size"] == lay["ring"] + L.RING_HEADER + cap * slot
+    assert (lay["ring"] + L.RING_HEADER) % LINE == 0
+
+
+def test_slot_sizes_keep_stamps_aligned():
+    assert L.MIN_SLOT % L.SLOT_ALIGN == 0 and L.SLOT_ALIGN % 8 == 0
+    assert L.MIN_SLOT > L.SLOT_HEADER
+
+
+# Every offset constant the kernels use, with the layout field it must equal.
+CONSTANTS = {
+    "SEG_": (L.SEGMENT, 0, {
+        "MAGIC": "magic", "VERSION": "version", "KIND": "kind", "SIZE": "size",
+        "CREATOR_PID": "creator_pid", "CREATOR_START": "creator_start", "CREATED_NS": "created_ns",
+        "PARAMS": "params", "FAMILY": "family", "NAME": "name", "CRC": "crc", "STATE": "state"}),
+    "CH_": (L.CHANNEL, L.CH_BASE, {
+        "RX_SEQ": "rx_seq", "RX_WAITERS": "rx_waiters", "TX_SEQ": "tx_seq", "TX_WAITERS": "tx_waiters",
+        "TX_ROLES": "tx_roles", "RX_ROLES": "rx_roles", "TX_TOKENS": "tx_tokens", "RX_TOKENS": "rx_tokens",
+        "TAIL_GEN": "tail_gen", "HEAD_GEN": "head_gen", "GROW": "grow", "BLOB_BYTES": "blob_bytes",
+        "BLOB_SEGMENTS": "blob_segments", "TOMBSTONES": "tombstones", "DROPPED": "dropped",
+        "REAPED": "reaped"}),
+    "PT_": (L.PARTICIPANT, 0, {"STATE": "state", "PID": "pid", "START": "start", "PIDNS": "pidns",
+                               "ROLES": "roles"}),
+    "TK_": (L.TOKEN, 0, {"STATE": "state", "CREATED": "created_ns", "LENDER_PID": "lender_pid",
+                         "LENDER_START": "lender_start"}),
+    "RG_": (L.RING, 0, {"TAIL": "tail", "HEAD": "head", "CAP": "cap", "SLOT": "slot", "BASE": "base",
+                        "GEN": "gen"}),
+    "SL_": (L.SLOT, 0, {"STAMP": "stamp", "META": "meta", "BLOB_GEN": "blob_gen", "BLOB_CAP": "blob_cap"}),
+}
+
+
+@pytest.mark.parametrize("prefix", sorted(CONSTANTS))
+def test_module_constants_equal_layout_offsets(prefix):
+    layout, base, table = CONSTANTS[prefix]
+    assert sorted(table.values()) == sorted(layout.fields), "every field has its constant"
+    for const, field in table.items():
+        assert getattr(L, prefix + const) == base + layout[field], f"{prefix}{const} != {layout.name}.{field}"
+
+
+def test_no_unexplained_offset_constants():
+    # A new SEG_/CH_/... constant must be added to CONSTANTS (or to the
+    # non-offset list here), so it cannot drift from its layout unnoticed.
+    not_offsets = {"SEG_HEADER", "SEG_INIT", "SEG_OPEN", "SEG_UNLINKED", "SEG_CLOSING", "SEG_STATE_MASK",
+                   "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE"}
+    known = {p + c for p, (_, _, t) in CONSTANTS.items() for c in t} | not_offsets
+    found = {n for n in vars(L) if n.startswith(tuple(CONSTANTS)) and isinstance(getattr(L, n), int)}
+    assert found - known == set()
+    assert L.CH_END == L.CH_BASE + L.CHANNEL.size
