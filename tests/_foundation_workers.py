@@ -67,10 +67,12 @@ def split_increments(w, i, n):
 INCREMENTS = {"atomic": atomic_increments, "plain": plain_increments, "split": split_increments}
 
 
-def count(name: str, barrier_i: int, counter_i: int, n: int, mode: str) -> None:
+def count(name: str, barrier_i: int, counter_i: int, n: int, mode: str, times_i: int) -> None:
     """Attach to ``name``, meet the sibling at the barrier, then add 1 ``n`` times.
 
-    ``mode`` is a key of INCREMENTS: how each 1 is added.
+    ``mode`` is a key of INCREMENTS: how each 1 is added. The loop's start and
+    end (monotonic ns) go to the first free pair of words from ``times_i``,
+    so the parent can tell whether the two loops really overlapped.
     """
     increment = INCREMENTS[mode]
     increment(np.zeros(1, np.int64), 0, 1)     # compile now: the sibling must not wait for it
@@ -79,7 +81,12 @@ def count(name: str, barrier_i: int, counter_i: int, n: int, mode: str) -> None:
         w = seg.w
         if not barrier(w, barrier_i, 2, time.monotonic_ns() + BARRIER_TIMEOUT_NS):
             raise SystemExit(3)
+        t0 = time.monotonic_ns()
         increment(w, counter_i, n)
+        t1 = time.monotonic_ns()
+        k = W.fetch_add(w, times_i, 1)
+        w[times_i + 1 + 2 * k] = t0
+        w[times_i + 2 + 2 * k] = t1
         del w
     finally:
         seg.close()

@@ -2,9 +2,9 @@
 
 * Each atomic's plain-Python reference body (its specification) and its
   jitted version agree, on int64 and uint64 words, for every ordering the
-  operation accepts (one generated function holds one copy of the
-  operation per ordering literal inside a single function, so this costs one compile
-  per operation, not one per ordering).
+  operation accepts (one generated function per operation holds one call
+  per ordering literal, so this costs one compile per operation and word
+  type, not one per ordering).
 * Bad orderings and bad arrays are refused at compile time with a message.
 * The emitted x86 assembly holds the locked instruction we expect.
 * Two real processes hammering one word of a real segment lose no update.
@@ -64,7 +64,7 @@ DTYPE_CASES = [(np.int64, I64_CASES), (np.uint64, U64_CASES)]
 # ordering, to word k for the k-th ordering. The bodies are written out (not
 # looped with literal_unroll, which compiles twice as slowly).
 
-def _unrolled(line: str, orders) -> "numba.core.registry.CPUDispatcher":
+def _unrolled(line: str, orders):
     """``njit(def drive(a, x, y, out))`` whose body is ``line`` once per ordering.
 
     ``line`` is formatted with ``k`` (word index) and ``o`` (ordering).
@@ -186,6 +186,37 @@ def test_fetch_add_wraps_at_the_int64_boundary():
     with np.errstate(over="ignore"):
         assert A.fetch_add(a, 1, 1, "seq_cst") == I64_MAX
     assert a[1] == I64_MIN
+
+
+@numba.njit
+def j_cas_scalar(a, i, e, v):
+    return A.cas(a, i, e, v, "seq_cst")
+
+
+def _outcome(fn, a, *args):
+    """(returned value, words after) or the exception type: what one call did."""
+    try:
+        with np.errstate(over="ignore"):
+            r = fn(a, *args)
+    except Exception as e:          # noqa: BLE001 - compared, not hidden
+        return type(e).__name__
+    return int(r), a.tolist()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: with an operand outside the word type's range (a negative "
+                   "Python int on a uint64 array, or one >= 2**63 on an int64 array) the reference body "
+                   "raises OverflowError (fetch_add) or compares by value (cas: no swap), while the jitted "
+                   "version casts the operand to the word type (wraps: adds, or swaps)")
+def test_out_of_range_operands_agree():
+    cases = [
+        (j_fetch_add_scalar, A.fetch_add, np.uint64, 5, (-1,)),
+        (j_fetch_add_scalar, A.fetch_add, np.int64, 5, (U64_MAX,)),
+        (j_cas_scalar, A.cas, np.uint64, U64_MAX, (-1, 7)),
+    ]
+    for jitted, py, dtype, init, args in cases:
+        ref = _outcome(lambda a, *x: py(a, 0, *x, "seq_cst"), np.full(2, init, dtype), *args)
+        jit = _outcome(lambda a, *x: jitted(a, 0, *x), np.full(2, init, dtype), *args)
+        assert jit == ref, (py.__name__, dtype.__name__, init, args)
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64])
@@ -348,6 +379,7 @@ def test_emitted_assembly(fn, args, pattern):
 N_ADDS = 1_000_000
 BARRIER_WORD = 512 // 8        # beyond the 256-byte header, each on its own cache line
 COUNTER_WORD = 1024 // 8
+TIMES_WORD = 1536 // 8         # a count, then (start, end) of each child's loop
 
 
 def _run_children(ctx, target, args, n=2, timeout=120):
@@ -367,16 +399,25 @@ def _run_children(ctx, target, args, n=2, timeout=120):
 
 def _counter_segment():
     seg = Segment.create(kind=L.KIND_BLOB, size=4096)
-    assert seg.w[BARRIER_WORD] == seg.w[COUNTER_WORD] == 0
+    assert seg.w[BARRIER_WORD] == seg.w[COUNTER_WORD] == seg.w[TIMES_WORD] == 0
     return seg
+
+
+def _overlap_ms(seg):
+    """How long the two children's loops ran at the same time (the scheduler decides)."""
+    (a0, a1), (b0, b1) = seg.w[TIMES_WORD + 1:TIMES_WORD + 5].reshape(2, 2).tolist()
+    return max(0, min(a1, b1) - max(a0, b0)) / 1e6
 
 
 def test_two_processes_fetch_add_lose_nothing(ctx):
     seg = _counter_segment()
     try:
-        _run_children(ctx, FW.count, (seg.name, BARRIER_WORD, COUNTER_WORD, N_ADDS, "atomic"))
+        _run_children(ctx, FW.count, (seg.name, BARRIER_WORD, COUNTER_WORD, N_ADDS, "atomic", TIMES_WORD))
         assert seg.w[BARRIER_WORD] == 2                 # both really met at the barrier
+        assert seg.w[TIMES_WORD] == 2
         assert seg.w[COUNTER_WORD] == 2 * N_ADDS
+        # Not asserted (timing): whether the loops contended at all.
+        print(f"fetch_add, 2 processes x {N_ADDS}: loops overlapped for {_overlap_ms(seg):.2f} ms")
     finally:
         seg.close()
         seg.unlink()
@@ -394,16 +435,19 @@ def test_lost_update_control(mode):
     import multiprocessing as mp
     seg = _counter_segment()
     try:
-        _run_children(mp.get_context("fork"), FW.count, (seg.name, BARRIER_WORD, COUNTER_WORD, N_ADDS, mode))
+        _run_children(mp.get_context("fork"), FW.count,
+                      (seg.name, BARRIER_WORD, COUNTER_WORD, N_ADDS, mode, TIMES_WORD))
         final = int(seg.w[COUNTER_WORD])
+        overlap = _overlap_ms(seg)
     finally:
         seg.close()
         seg.unlink()
     assert 0 < final <= 2 * N_ADDS
-    print(f"{mode} increments, 2 processes x {N_ADDS}: ended at {final} ({2 * N_ADDS - final} updates lost)")
+    info = (f"{mode} non-atomic increments, 2 processes x {N_ADDS}: ended at {final} "
+            f"({2 * N_ADDS - final} updates lost; loops overlapped for {overlap:.2f} ms)")
+    print(info)
     if final == 2 * N_ADDS:
-        pytest.skip(f"info: {mode} non-atomic increments lost no update this run (the race is real, "
-                    "a loss is not guaranteed)")
+        pytest.skip(f"info: {info}: no loss this run (the race is real, a loss is not guaranteed)")
 
 
 # --------------------------------------------------------------------------
@@ -465,7 +509,7 @@ def test_futex_wait_times_out(impl):
     elapsed = time.monotonic_ns() - t0
     assert r == -1
     if impl == "interp":
-        assert ctypes.get_errno() in (errno.ETIMEDOUT, errno.EINTR)
+        assert ctypes.get_errno() == errno.ETIMEDOUT
     assert elapsed >= 40_000_000
 
 
