@@ -8,8 +8,6 @@ word).
 """
 from __future__ import annotations
 
-import pytest
-
 from kernels import layout as L
 
 LAYOUTS = {name: obj for name, obj in vars(L).items() if isinstance(obj, L.Layout)}
@@ -26,21 +24,18 @@ def _end(layout, name):
     return layout[name] + (LINE if f.hot else f.size)
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_offsets_follow_the_declaration(name):
-    lay = LAYOUTS[name]
-    assert list(lay.offsets) == list(lay.fields)            # every field placed, in declared order
-    expected = 0
-    for fname, f in lay.fields.items():
-        align = LINE if f.hot else f.align
-        expected = -(-expected // align) * align            # round up to the declared alignment
-        assert lay[fname] == expected, f"{name}.{fname} at {lay[fname]}, declared order puts it at {expected}"
-        assert lay[fname] % align == 0
-        expected += LINE if f.hot else f.size
-    # The size covers every field, is a multiple of the layout's alignment,
-    # and (where a size was declared) is exactly that size.
-    assert lay.size >= expected
-    assert lay.size % lay.align == 0
+def test_offsets_follow_the_declaration():
+    for name, lay in LAYOUTS.items():
+        assert list(lay.offsets) == list(lay.fields)        # every field placed, in declared order
+        expected = 0
+        for fname, f in lay.fields.items():
+            align = LINE if f.hot else f.align
+            expected = -(-expected // align) * align        # round up to the declared alignment
+            assert lay[fname] == expected, f"{name}.{fname} at {lay[fname]}, declared order puts it at {expected}"
+            expected += LINE if f.hot else f.size
+        # The size covers every field and is a multiple of the layout's alignment.
+        assert lay.size >= expected, name
+        assert lay.size % lay.align == 0, name
 
 
 def test_declared_sizes():
@@ -51,29 +46,26 @@ def test_declared_sizes():
     assert L.RING.size % LINE == 0 and L.CHANNEL.size % LINE == 0
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_atomic_fields_are_whole_aligned_words(name):
-    lay = LAYOUTS[name]
-    for fname, f in lay.fields.items():
-        if f.atomic:
-            assert lay[fname] % 8 == 0, f"{name}.{fname} at {lay[fname]} is not 8-byte aligned"
-            assert f.size % 8 == 0 and f.size >= 8, f"{name}.{fname} is not made of whole words"
+def test_atomic_fields_are_whole_aligned_words():
+    for name, lay in LAYOUTS.items():
+        for fname, f in lay.fields.items():
+            if f.atomic:
+                assert lay[fname] % 8 == 0, f"{name}.{fname} at {lay[fname]} is not 8-byte aligned"
+                assert f.size % 8 == 0 and f.size >= 8, f"{name}.{fname} is not made of whole words"
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_hot_fields_own_their_cache_line(name):
-    lay = LAYOUTS[name]
-    for hot, f in lay.fields.items():
-        if not f.hot:
-            continue
-        start = lay[hot]
-        assert start % LINE == 0, f"{name}.{hot} does not start a cache line"
-        assert f.size <= LINE, f"{name}.{hot} is larger than its cache line"
-        for other, g in lay.fields.items():
-            if other == hot:
+def test_hot_fields_own_their_cache_line():
+    for name, lay in LAYOUTS.items():
+        for hot, f in lay.fields.items():
+            if not f.hot:
                 continue
-            lo, hi = lay[other], lay[other] + g.size
-            assert hi <= start or lo >= start + LINE, f"{name}.{other} shares the cache line of {hot}"
+            start = lay[hot]
+            assert start % LINE == 0, f"{name}.{hot} does not start a cache line"
+            assert f.size <= LINE, f"{name}.{hot} is larger than its cache line"
+            for other, g in lay.fields.items():
+                lo, hi = lay[other], lay[other] + g.size
+                assert other == hot or hi <= start or lo >= start + LINE, \
+                    f"{name}.{other} shares the cache line of {hot}"
 
 
 def test_at_least_the_ring_ends_and_futex_words_are_hot():
@@ -82,13 +74,12 @@ def test_at_least_the_ring_ends_and_futex_words_are_hot():
         assert L.CHANNEL.fields[f].hot and L.CHANNEL.fields[f].atomic
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_fields_do_not_overlap(name):
-    lay = LAYOUTS[name]
-    spans = sorted((lay[n], lay[n] + f.size, n) for n, f in lay.fields.items())
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        assert end <= start, f"{name}.{a} overlaps {name}.{b}"
-    assert spans[-1][1] <= lay.size
+def test_fields_do_not_overlap():
+    for name, lay in LAYOUTS.items():
+        spans = sorted((lay[n], lay[n] + f.size, n) for n, f in lay.fields.items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            assert end <= start, f"{name}.{a} overlaps {name}.{b}"
+        assert spans[-1][1] <= lay.size, name
 
 
 def test_segment_header():
@@ -119,9 +110,13 @@ CAPACITIES = [1, 2, 3, 7, 64, 1000, 4096]
 SLOTS = [L.MIN_SLOT, 128, 192, 1024, 65536]
 
 
-@pytest.mark.parametrize("slot", SLOTS)
-@pytest.mark.parametrize("cap", CAPACITIES)
-def test_channel_layout(cap, slot):
+def test_channel_layout():
+    for cap in CAPACITIES:
+        for slot in SLOTS:
+            _check_channel_layout(cap, slot)
+
+
+def _check_channel_layout(cap, slot):
     lay = L.channel_layout(cap, slot)
     parts, toks, ring, size = lay["participants"], lay["tokens"], lay["ring"], lay["size"]
     for off in (parts, toks, ring):
@@ -141,14 +136,14 @@ def test_channel_layout(cap, slot):
     assert (ring + L.RG_HEAD) % LINE == 0 and (ring + L.RG_TAIL) % LINE == 0
 
 
-@pytest.mark.parametrize("slot", SLOTS)
-@pytest.mark.parametrize("cap", CAPACITIES)
-def test_ring_layout(cap, slot):
-    lay = L.ring_layout(cap, slot)
-    assert lay["ring"] % LINE == 0
-    assert lay["ring"] >= L.SEG_HEADER
-    assert lay["size"] == lay["ring"] + L.RING_HEADER + cap * slot
-    assert (lay["ring"] + L.RING_HEADER) % LINE == 0
+def test_ring_layout():
+    for cap in CAPACITIES:
+        for slot in SLOTS:
+            lay = L.ring_layout(cap, slot)
+            assert lay["ring"] % LINE == 0
+            assert lay["ring"] >= L.SEG_HEADER
+            assert lay["size"] == lay["ring"] + L.RING_HEADER + cap * slot
+            assert (lay["ring"] + L.RING_HEADER) % LINE == 0
 
 
 def test_slot_sizes_keep_stamps_aligned():
@@ -178,12 +173,11 @@ CONSTANTS = {
 }
 
 
-@pytest.mark.parametrize("prefix", sorted(CONSTANTS))
-def test_module_constants_equal_layout_offsets(prefix):
-    layout, base, table = CONSTANTS[prefix]
-    assert sorted(table.values()) == sorted(layout.fields), "every field has its constant"
-    for const, field in table.items():
-        assert getattr(L, prefix + const) == base + layout[field], f"{prefix}{const} != {layout.name}.{field}"
+def test_module_constants_equal_layout_offsets():
+    for prefix, (layout, base, table) in CONSTANTS.items():
+        assert sorted(table.values()) == sorted(layout.fields), f"every {layout.name} field has a {prefix} constant"
+        for const, field in table.items():
+            assert getattr(L, prefix + const) == base + layout[field], f"{prefix}{const} != {layout.name}.{field}"
 
 
 def test_no_unexplained_offset_constants():
