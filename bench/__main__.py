@@ -14,6 +14,8 @@ from . import channels
 from .common import log
 
 GROUPS = {"channels": channels}
+DEFAULT_REPS = 5
+DEFAULT_SECONDS = 1.0
 
 
 def main(argv=None) -> int:
@@ -21,8 +23,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="*", help=f"groups to run (default: all of {', '.join(GROUPS)})")
     ap.add_argument("--quick", action="store_true", help="short runs, 1 repetition (results/quick/)")
-    ap.add_argument("--reps", type=int, default=None, help="measured runs per peer and case (default 3)")
-    ap.add_argument("--seconds", type=float, default=None, help="target seconds per run (default 1.0)")
+    ap.add_argument("--reps", type=int, default=None, help=f"measured runs per peer and case (default {DEFAULT_REPS}; 1 with --quick)")
+    ap.add_argument("--seconds", type=float, default=None, help=f"target seconds per run (default {DEFAULT_SECONDS}; 0.25 with --quick)")
     ap.add_argument("--out", default=None, help="output directory (default bench/results[/quick|/partial])")
     ap.add_argument("--list", action="store_true", help="list groups and cases, then exit")
     for g in GROUPS.values():
@@ -34,10 +36,11 @@ def main(argv=None) -> int:
             for c in g.make_cases():
                 print(f"  {c.key:8s} {c.title}")
         return 0
+    opts.reference = not opts.quick and opts.reps is None and opts.seconds is None and not opts.cases
     if opts.reps is None:
-        opts.reps = 1 if opts.quick else 3
+        opts.reps = 1 if opts.quick else DEFAULT_REPS
     if opts.seconds is None:
-        opts.seconds = 0.25 if opts.quick else 1.0
+        opts.seconds = 0.25 if opts.quick else DEFAULT_SECONDS
     groups = opts.groups or list(GROUPS)
     bad = [g for g in groups if g not in GROUPS]
     if bad:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import platform
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, errors
@@ -206,6 +207,14 @@ def _pause(typingctx):
 # Public functions: the Python body is the reference semantics; the overload
 # is what nopython code gets.
 
+def _word(a, v):
+    """``v`` as the array's word type, wrapping like the machine instruction."""
+    v = int(v) & 0xFFFF_FFFF_FFFF_FFFF
+    if a.dtype == np.int64 and v >= 1 << 63:
+        v -= 1 << 64
+    return a.dtype.type(v)
+
+
 def load(a, i, order):
     """Return ``a[i]``."""
     return a[i]
@@ -213,7 +222,7 @@ def load(a, i, order):
 
 def store(a, i, v, order):
     """``a[i] = v``."""
-    a[i] = v
+    a[i] = _word(a, v)
 
 
 def cas(a, i, expected, new, order):
@@ -221,38 +230,39 @@ def cas(a, i, expected, new, order):
 
     Returns the value seen (the swap happened iff it equals ``expected``).
     On failure it behaves like an atomic load with the failure ordering.
+    Operands are taken modulo 2**64 as the array's word type.
     """
     old = a[i]
-    if old == expected:
-        a[i] = new
+    if old == _word(a, expected):
+        a[i] = _word(a, new)
     return old
 
 
 def fetch_add(a, i, v, order):
     """``old = a[i]; a[i] += v; return old`` (wrapping)."""
     old = a[i]
-    a[i] = old + v
+    a[i] = _word(a, int(old) + int(v))
     return old
 
 
 def fetch_or(a, i, v, order):
     """``old = a[i]; a[i] |= v; return old``."""
     old = a[i]
-    a[i] = old | v
+    a[i] = _word(a, int(old) | (int(v) & 0xFFFF_FFFF_FFFF_FFFF))
     return old
 
 
 def fetch_and(a, i, v, order):
     """``old = a[i]; a[i] &= v; return old``."""
     old = a[i]
-    a[i] = old & v
+    a[i] = _word(a, int(old) & (int(v) & 0xFFFF_FFFF_FFFF_FFFF))
     return old
 
 
 def exchange(a, i, v, order):
     """``old = a[i]; a[i] = v; return old``."""
     old = a[i]
-    a[i] = v
+    a[i] = _word(a, v)
     return old
 
 

@@ -93,13 +93,20 @@ def _memcpy(typingctx, dst, doff, src, soff, n):
     return types.none(dst, doff, src, soff, n), codegen
 
 
+@numba.njit(inline="always", cache=True)
+def _in_range(n, doff, dlen, soff, slen):
+    # Written so that nothing can overflow int64 (doff + n could wrap).
+    return (0 <= n and 0 <= doff <= dlen and 0 <= soff <= slen
+            and n <= dlen - doff and n <= slen - soff)
+
+
 def copy(dst, doff, src, soff, n):
     """Copy ``n`` bytes ``src[soff:soff+n]`` to ``dst[doff:doff+n]``.
 
     Both arrays are 1-D ``uint8``. Returns ``n``, or -1 (copying nothing) if
     ``n`` is negative or either range falls outside its array.
     """
-    if n < 0 or doff < 0 or soff < 0 or doff + n > dst.shape[0] or soff + n > src.shape[0]:
+    if not _in_range(n, doff, dst.shape[0], soff, src.shape[0]):
         return -1
     dst[doff:doff + n] = src[soff:soff + n]
     return n
@@ -113,7 +120,7 @@ def _ol_copy(dst, doff, src, soff, n):
             raise errors.NumbaTypeError(f"memory.copy: {name} must be a 1-D C-contiguous uint8 array")
 
     def impl(dst, doff, src, soff, n):
-        if n < 0 or doff < 0 or soff < 0 or doff + n > dst.shape[0] or soff + n > src.shape[0]:
+        if not _in_range(n, doff, dst.shape[0], soff, src.shape[0]):
             return -1
         if n > 0:
             _memcpy(dst, doff, src, soff, n)

@@ -27,6 +27,7 @@ naming the codec and the fix; nothing is sent and the channel stays usable.
 from __future__ import annotations
 
 import ast
+import math
 import pickle
 import struct
 
@@ -115,7 +116,7 @@ class MsgpackCodec(Codec):
             return self._pack(obj)
         except (TypeError, ValueError, OverflowError) as e:
             raise EncodeError(
-                f"the 'msgpack' codec cannot encode this {type(obj).__name__} ({e}): msgpack "
+                f"the {self.name!r} codec cannot encode this {type(obj).__name__} ({e}): msgpack "
                 "takes None, bool, int (64-bit), float, str, bytes, lists, tuples and dicts of "
                 "those; convert it, or create the channel with codec='pickle' for any "
                 "picklable object (or codec='numpy' for arrays)") from None
@@ -176,11 +177,17 @@ class NumpyCodec(MsgpackCodec):
 def _descr(dtype: np.dtype) -> bytes:
     if dtype.hasobject:
         raise EncodeError(
-            "arrays of Python objects (dtype=object) cannot be sent raw: "
+            "the 'numpy' codec cannot send arrays of Python objects (dtype=object) raw: "
             "use codec='pickle', or convert the array to a numeric or string dtype")
     if dtype.fields is None and dtype.subdtype is None:
-        return dtype.str.encode()
-    return repr(np.lib.format.dtype_to_descr(dtype)).encode()
+        d = dtype.str.encode()
+    else:
+        d = repr(np.lib.format.dtype_to_descr(dtype)).encode()
+    if len(d) > 0xFFFF:
+        raise EncodeError(
+            f"the 'numpy' codec cannot describe this dtype in 64 KiB ({len(d)} bytes of description): "
+            "use codec='pickle', or fewer fields")
+    return d
 
 
 def encode_ndarray(arr: np.ndarray):
@@ -211,7 +218,7 @@ def ndarray_header(buf):
             dtype = np.dtype(descr)
         if dtype.hasobject or any(s < 0 for s in shape):
             raise ValueError("bad array header")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize     # Python ints: cannot wrap
         if off + nbytes > len(buf):
             raise ValueError("array data shorter than its header says")
         return dtype, shape, off
@@ -237,7 +244,7 @@ def get_codec(codec) -> Codec:
     """A codec instance from its name (or id, or an instance)."""
     if isinstance(codec, Codec):
         return codec
-    if isinstance(codec, int) and codec in _BY_ID:
+    if isinstance(codec, int) and not isinstance(codec, bool) and codec in _BY_ID:
         return _BY_ID[codec]()
     if isinstance(codec, str) and codec in CODECS:
         return CODECS[codec]()

@@ -63,6 +63,7 @@ __all__ = ["Segment", "new_name", "check_name", "unlink_name", "shm_free_bytes"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 _PREFIX = "shm_"
 _INIT_WAIT = 5.0          # seconds an opener waits for a creator to finish initialising
+_YOUNG = 2.0              # a segment this new may still be getting its header
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _POPULATE_MIN = 1 << 20   # prefault mappings of at least this size
 
@@ -115,6 +116,13 @@ def unlink_name(name: str) -> bool:
         return False
 
 
+def _header_bytes_with_magic(buf) -> bytes:
+    """The CRC-covered header bytes, with the magic as it will read once published."""
+    b = bytearray(buf[:L.SEG_CRC])
+    b[L.SEG_MAGIC:L.SEG_MAGIC + 8] = L.MAGIC.to_bytes(8, "little")
+    return bytes(b)
+
+
 def _crc(buf) -> int:
     return zlib.crc32(bytes(buf[:L.SEG_CRC]))
 
@@ -158,7 +166,10 @@ class Segment:
         ``OutOfSharedMemory`` if ``/dev/shm`` is too small.
         """
         name = check_name(name) if name is not None else new_name()
-        family = family or name
+        if family is None:
+            family = name if len(name) <= L.FAMILY_LEN else new_name()
+        if len(family.encode("ascii")) > L.FAMILY_LEN:
+            raise ValueError(f"a segment family is at most {L.FAMILY_LEN} ASCII characters, got {family!r}")
         size = max(int(size), L.SEG_HEADER)
         try:
             shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=0)
@@ -200,7 +211,6 @@ class Segment:
     def _write_header(self, kind, family, public_name, params):
         ident = _liveness.me()
         h = self.w
-        h[L.SEG_MAGIC >> 3] = L.MAGIC
         h[L.SEG_VERSION >> 3] = L.LAYOUT_VERSION
         h[L.SEG_KIND >> 3] = kind
         h[L.SEG_SIZE >> 3] = self.size
@@ -215,7 +225,9 @@ class Segment:
         nm = public_name.encode("ascii")[:L.NAME_LEN]
         self.u8[L.SEG_NAME:L.SEG_NAME + L.NAME_LEN] = 0
         self.u8[L.SEG_NAME:L.SEG_NAME + len(nm)] = np.frombuffer(nm, np.uint8)
-        h[L.SEG_CRC >> 3] = _crc(self.u8)
+        # The magic goes in last: an opener that sees it sees the whole header.
+        h[L.SEG_CRC >> 3] = zlib.crc32(_header_bytes_with_magic(self.u8))
+        W.store(h, L.SEG_MAGIC >> 3, L.MAGIC)
 
     # ------------------------------------------------------------------
     @classmethod
@@ -249,6 +261,9 @@ class Segment:
     def _validate(self, kind, what):
         h = self.w
         name = self.name
+        # A creator writes the magic last; wait for a young segment to get it.
+        while W.load(h, L.SEG_MAGIC >> 3) == 0 and self._young():
+            time.sleep(0.0005)
         if int(h[L.SEG_MAGIC >> 3]) != L.MAGIC:
             raise IncompatibleSegment(
                 f"segment {name!r} is not an shm structure (bad magic number); "
@@ -280,6 +295,13 @@ class Segment:
         self.kind = k
         self.params = tuple(int(x) for x in h[(L.SEG_PARAMS >> 3):(L.SEG_PARAMS >> 3) + 8])
         self.family = bytes(self.u8[L.SEG_FAMILY:L.SEG_FAMILY + L.FAMILY_LEN]).rstrip(b"\0").decode("ascii", "replace")
+
+    def _young(self) -> bool:
+        try:
+            st = os.stat("/dev/shm/" + self.name)
+        except OSError:
+            return False
+        return time.time() - st.st_ctime < _YOUNG
 
     # ------------------------------------------------------------------
     @property
@@ -345,6 +367,10 @@ def _wait_for_size(fd: int, name: str, what: str) -> int:
         size = st.st_size
         if size >= L.SEG_HEADER:
             return size
+        if size >= 8 and os.pread(fd, 8, 0) != b"\0" * 8 and \
+                int.from_bytes(os.pread(fd, 8, 0), "little") != L.MAGIC:
+            raise IncompatibleSegment(f"{what} {name!r} is not an shm structure (a {size}-byte file "
+                                      "made by another program)")
         if time.time() - st.st_ctime > 1.0:
             if size == 0:
                 raise CorruptSegment(f"{what} {name!r} is empty: its creator died before sizing it; "

@@ -10,5 +10,9 @@ def add(name: str, n: int = 1) -> None:
     _figures[name] += n
 
 
+def set(name: str, value: int) -> None:
+    _figures[name] = value
+
+
 def lines() -> list[str]:
     return [f"{k}: {v}" for k, v in sorted(_figures.items())]

@@ -128,12 +128,30 @@ def pool_consume(rx, n):
 REC = struct.Struct("<iq")
 
 
-def checked_consumer(rx, fd: int):
+def checked_consumer(rx, fd: int, close_fds=()):
     """Receive checked messages until disconnected, logging (tag, seq) to a pipe."""
+    for other in close_fds:
+        os.close(other)     # inherited write ends of the other consumers' pipes
     for m in rx:
         tag, seq = check_msg(m)
         os.write(fd, REC.pack(tag, seq))
     os.close(fd)
+
+
+def read_all_records(fds) -> list[tuple[int, int]]:
+    """Read every pipe concurrently (a full pipe must never block its writer) until EOF."""
+    import threading
+    out: list = [None] * len(fds)
+
+    def reader(i, fd):
+        out[i] = read_records(fd)
+
+    ts = [threading.Thread(target=reader, args=(i, fd)) for i, fd in enumerate(fds)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return [r for part in out for r in part]
 
 
 def read_records(fd: int) -> list[tuple[int, int]]:

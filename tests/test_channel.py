@@ -359,14 +359,19 @@ def test_mpmc_checked_mixed_sizes():
     n = max(COUNT // 10, 500)
     tx, rx = shm.bounded(16, codec="bytes")
     fds = [os.pipe() for _ in range(2)]
-    prods = [ctx.Process(target=W.produce, args=(tx, t, n, 97)) for t in range(3)]
-    cons = [ctx.Process(target=W.checked_consumer, args=(rx, w)) for _, w in fds]
-    for p in prods + cons:
+    writers = [w for _, w in fds]
+    readers = [r for r, _ in fds]
+    cons = [ctx.Process(target=W.checked_consumer, args=(rx, w, [x for x in writers if x != w] + readers))
+            for w in writers]
+    for p in cons:
         p.start()
-    for _, w in fds:
+    for w in writers:
         os.close(w)
+    prods = [ctx.Process(target=W.produce, args=(tx, t, n, 97)) for t in range(3)]
+    for p in prods:
+        p.start()
     tx.close(); rx.close()
-    recs = [r for rd, _ in fds for r in W.read_records(rd)]
+    recs = W.read_all_records(readers)
     for p in prods + cons:
         p.join(30)
         assert p.exitcode == 0
