@@ -182,6 +182,8 @@ CHANNEL = Layout("channel", [
     Field("head_gen", 8, atomic=True, hot=True),
     # Who is creating the next generation: next_gen << 16 | (participant + 1), or 0.
     Field("grow", 8, atomic=True),
+    # JoinableQueue: unfinished tasks (put minus task_done); join() sleeps on it.
+    Field("tasks", 8, atomic=True, hot=True),
     Field("blob_bytes", 8, atomic=True, align=CACHE_LINE),   # bytes held in blob segments
     Field("blob_segments", 8, atomic=True),
     Field("tombstones", 8, atomic=True),    # slots recovered from dead producers
@@ -201,6 +203,7 @@ CH_RX_TOKENS = CH_BASE + CHANNEL["rx_tokens"]
 CH_TAIL_GEN = CH_BASE + CHANNEL["tail_gen"]
 CH_HEAD_GEN = CH_BASE + CHANNEL["head_gen"]
 CH_GROW = CH_BASE + CHANNEL["grow"]
+CH_TASKS = CH_BASE + CHANNEL["tasks"]
 CH_BLOB_BYTES = CH_BASE + CHANNEL["blob_bytes"]
 CH_BLOB_SEGMENTS = CH_BASE + CHANNEL["blob_segments"]
 CH_TOMBSTONES = CH_BASE + CHANNEL["tombstones"]

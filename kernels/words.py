@@ -14,6 +14,7 @@ rare, and the registry protocols are easier to argue with one total order.
 from __future__ import annotations
 
 from . import atomics as A
+from . import syscalls as S
 from ._jit import jit
 
 _SIG = "int64[::1]"
@@ -96,3 +97,22 @@ def bit_test(a, word, bit):
     if not _ok(a, i):
         raise IndexError("bitmap index out of range")
     return 1 if A.load(a, i, "seq_cst") & (1 << (bit & 63)) else 0
+
+
+@jit(f"int64({_SIG}, int64, int64, int64)")
+def futex_wait(a, i, expected, timeout_ns):
+    """Sleep while the low 32 bits of ``a[i]`` equal ``expected`` (at most ``timeout_ns``).
+
+    Releases the GIL. Returns 0 if woken, -1 otherwise; callers re-check.
+    """
+    if not _ok(a, i):
+        raise IndexError("word index out of range")
+    return S.futex_wait(a, i, expected, timeout_ns)
+
+
+@jit(f"int64({_SIG}, int64, int64)")
+def futex_wake(a, i, n):
+    """Wake up to ``n`` processes sleeping on ``a[i]``."""
+    if not _ok(a, i):
+        raise IndexError("word index out of range")
+    return S.futex_wake(a, i, n)

@@ -13,16 +13,17 @@ process in the way.
 See README.md for the tour.
 """
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
+from .queues import JoinableQueue, Queue, SimpleQueue
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
-                     SegmentExists, SegmentNotFound, SendTimeout, ShmError, TooManyParticipants,
-                     WrongKind)
+                     SegmentExists, SegmentNotFound, ShmError, TooManyParticipants, WrongKind)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
-    "ShmError", "Empty", "Full", "SendTimeout", "Disconnected", "Closed", "EncodeError", "DecodeError",
+    "Queue", "SimpleQueue", "JoinableQueue",
+    "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
 ]

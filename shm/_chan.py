@@ -280,6 +280,7 @@ class _Chan:
         self.counts = [0, 0]             # open handles per role in this process
         self.confirmed = [False, False]  # the role's descriptors carry D_ME
         self.pending: set[int] = set()   # roles inherited across fork, not yet used
+        self.sticky = False              # keep inherited roles anyway (shm.Queue)
         self.fork_tokens: list = []
         self.waiting = [0, 0]
         self.inflight = 0                # kernel calls running without the GIL
@@ -432,7 +433,7 @@ class _Chan:
             self.confirmed[role] = True
             for ring in self.rings.values():
                 ring.set_me(role, self.me)
-        if self.pending:
+        if self.pending and not self.sticky:
             # First use of the channel since fork: only the roles we use count from now on.
             for r in self.pending - {role}:
                 if not self.confirmed[r]:

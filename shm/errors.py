@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 
 __all__ = [
-    "ShmError", "Empty", "Full", "Disconnected", "Closed", "SendTimeout",
+    "ShmError", "Empty", "Full", "Disconnected", "Closed",
     "EncodeError", "DecodeError", "MessageTooLarge",
     "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
@@ -42,10 +42,6 @@ class Full(ShmError, queue.Full):
     def __init__(self, msg: str = "channel is full", message=None):
         super().__init__(msg)
         self.message = message
-
-
-class SendTimeout(Full):
-    """``send(timeout=...)`` gave up; ``message`` is the object not sent."""
 
 
 class Disconnected(ShmError):
