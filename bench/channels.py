@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import peers as P
-from .common import (CTX, REPO, LoadSampler, RunError, ShmWatch, Unavailable, calibrate, elapsed,
-                     fmt_num, fmt_rate, log, machine, median, now, run_roles)
+from .common import (CTX, REPO, ForeignLoad, LoadSampler, QuietGate, RunError, ShmWatch, Unavailable,
+                     calibrate, elapsed, fmt_rate, log, machine, median, now, run_roles)
 
 KiB, MiB = 1 << 10, 1 << 20
 RUN_TIMEOUT = 60.0
@@ -465,8 +465,22 @@ def _roles(case: Case, peer, ep_or_pair, n, profile=False):
     return roles
 
 
+GATE = QuietGate()
+
+
 def run_once(case: Case, peer, n, watch: ShmWatch, profile=False) -> dict:
-    """One run of ``peer`` on ``case`` with ``n`` messages; returns its metrics."""
+    """One run of ``peer`` on ``case`` with ``n`` messages; returns its metrics.
+
+    ``other`` in the result: cores used by other processes on the machine during the run.
+    """
+    GATE.wait()
+    with ForeignLoad() as fl:
+        out = _run_once(case, peer, n, watch, profile)
+    out["other"] = fl.cores
+    return out
+
+
+def _run_once(case: Case, peer, n, watch: ShmWatch, profile=False) -> dict:
     spec = case.spec
     eps = []
     try:
@@ -559,7 +573,8 @@ def run_case(case: Case, opts, watch: ShmWatch):
                 row.samples.append(m)
                 val = f"p50 {m['p50']:.1f} us p99 {m['p99']:.1f} us" if case.kind == "rtt" else \
                     f"{fmt_rate(m['rate'])}/s" + (f" {m['gbps']:.2f} GB/s" if "gbps" in m else "")
-                log(f"   run {rep + 1}/{reps} {row.peer.name:34s} {val}  ({m['seconds']:.2f} s)")
+                log(f"   run {rep + 1}/{reps} {row.peer.name:34s} {val}  ({m['seconds']:.2f} s, "
+                    f"other load {m['other']:.2f} cores)")
             except Exception as e:
                 log(f"   run {rep + 1}/{reps} {row.peer.name:34s} FAILED: {_fail_reason(e)}")
                 row.extra.setdefault("failures", []).append(_fail_reason(e))
@@ -835,44 +850,43 @@ def case_table(case: Case) -> list[str]:
     refname = case.rows[case.ref].peer.name if case.ref in case.rows else None
     rcol = f"vs {refname}" if refname else "vs (no reference)"
     if case.kind == "rtt":
-        L.append(f"| peer | p50 (us) | p99 (us) | mean (us) | p50 {rcol} | p50 over runs (us) | round trips/run |")
-        L.append("|---|---:|---:|---:|---:|---|---:|")
+        head = ["peer", "p50 (us)", "p99 (us)", "mean (us)", f"p50 {rcol}", "p50 over runs (us)", "round trips/run"]
     elif case.kind == "single":
-        L.append(f"| peer | GB/s | ms | {rcol} | GB/s over runs | runs |")
-        L.append("|---|---:|---:|---:|---|---:|")
+        head = ["peer", "GB/s", "ms", rcol, "GB/s over runs", "runs"]
     elif case.spec.objects:
-        L.append(f"| peer | msgs/s | {rcol} | msgs/s over runs | msgs/run |")
-        L.append("|---|---:|---:|---|---:|")
+        head = ["peer", "msgs/s", rcol, "msgs/s over runs", "msgs/run"]
     else:
-        L.append(f"| peer | msgs/s | GB/s | {rcol} | msgs/s over runs | msgs/run |")
-        L.append("|---|---:|---:|---:|---|---:|")
+        head = ["peer", "msgs/s", "GB/s", rcol, "msgs/s over runs", "msgs/run"]
+    head.append("other load")
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|---|" + "|".join("---" if "over runs" in h else "---:" for h in head[1:]) + "|")
+    blank = " |" * (len(head) - 2)
     for row in case.rows.values():
         name = f"**{row.peer.name}**" if row.peer.key.startswith("shm") else row.peer.name
         if not row.samples:
             what = "unavailable" if row.status == "unavailable" else "unavailable (failed)"
-            cols = {"rtt": 6, "single": 5}.get(case.kind, 4 if case.spec.objects else 5)
-            L.append(f"| {name} | {what}: {row.reason.replace('|', '/')} |" + " |" * (cols - 1))
+            L.append(f"| {name} | {what}: {row.reason.replace('|', '/')} |" + blank)
             continue
+        other = f"{row.med('other'):.2f}"
         if case.kind == "rtt":
             lo, hi = row.span("p50")
-            L.append(f"| {name} | {row.med('p50'):.1f} | {row.med('p99'):.1f} | {row.med('mean'):.1f} | "
-                     f"{_ratio(case, row, 'p50', True)} | {lo:.1f}-{hi:.1f} | {row.n} |")
+            cells = [f"{row.med('p50'):.1f}", f"{row.med('p99'):.1f}", f"{row.med('mean'):.1f}",
+                     _ratio(case, row, "p50", True), f"{lo:.1f}-{hi:.1f}", str(row.n)]
         elif case.kind == "single":
             lo, hi = row.span("gbps")
-            L.append(f"| {name} | {row.med('gbps'):.2f} | {row.med('ms'):.1f} | {_ratio(case, row, 'gbps')} | "
-                     f"{lo:.2f}-{hi:.2f} | {len(row.samples)} |")
+            cells = [f"{row.med('gbps'):.2f}", f"{row.med('ms'):.1f}", _ratio(case, row, "gbps"),
+                     f"{lo:.2f}-{hi:.2f}", str(len(row.samples))]
         elif case.spec.objects:
             lo, hi = row.span("rate")
-            L.append(f"| {name} | {fmt_rate(row.med('rate'))} | {_ratio(case, row, 'rate')} | "
-                     f"{fmt_rate(lo)}-{fmt_rate(hi)} | {row.n} |")
+            cells = [fmt_rate(row.med("rate")), _ratio(case, row, "rate"), f"{fmt_rate(lo)}-{fmt_rate(hi)}", str(row.n)]
         else:
             lo, hi = row.span("rate")
-            L.append(f"| {name} | {fmt_rate(row.med('rate'))} | {row.med('gbps'):.3f} | {_ratio(case, row, 'rate')} | "
-                     f"{fmt_rate(lo)}-{fmt_rate(hi)} | {row.n} |")
+            cells = [fmt_rate(row.med("rate")), f"{row.med('gbps'):.3f}", _ratio(case, row, "rate"),
+                     f"{fmt_rate(lo)}-{fmt_rate(hi)}", str(row.n)]
+        L.append(f"| {name} | " + " | ".join(cells + [other]) + " |")
         fails = row.extra.get("failures")
         if fails:
-            L.append(f"| ↳ {len(fails)} failed run(s): {fails[0].replace('|', '/')} |" +
-                     " |" * ({"rtt": 6, "single": 5}.get(case.kind, 4 if case.spec.objects else 5) - 1))
+            L.append(f"| ↳ {len(fails)} failed run(s): {fails[0].replace('|', '/')} |" + blank)
     return L
 
 
@@ -936,7 +950,11 @@ def write_markdown(path, cases, verdicts, info, bd, bdl, prof, watch, opts, wall
              "consumer holds its last message. Each peer first gets a pilot run that sizes its message "
              f"count to about {opts.seconds:g} s per run; then {opts.reps} measured run(s) per peer, "
              "interleaved across peers; the tables give the **median** and the min-max over runs. "
-             "Ratios are between medians of this same run.")
+             "Ratios are between medians of this same run. This machine is shared: before each run the "
+             "harness waits (briefly, within a budget) for other processes to go quiet, and the "
+             "*other load* column is the median number of cores that processes outside the benchmark "
+             "used during the runs (0 = undisturbed; with 2 cores, 0.5 already means a peer's process "
+             "shared a core some of the time).")
     L.append("")
     L.append("## Machine")
     L.append("")
@@ -1168,6 +1186,7 @@ def main(opts) -> int:
             except Exception as e:
                 log(f"large-message breakdown failed: {e!r}")
             prof = profiled_run(watch, 100_000 if opts.quick else 300_000)
+    info["quiet checks before runs (0.2 s each, longer while others were busy)"] = f"{GATE.waited:.0f} s in total"
     if load.samples:
         info["load average during run (1 min, min/median/max)"] = (
             f"{min(load.samples):.2f} / {median(load.samples):.2f} / {max(load.samples):.2f}")

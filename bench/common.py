@@ -25,6 +25,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -168,6 +169,61 @@ def elapsed(results: list[dict]) -> float:
     t0 = min(r["t0"] for r in results)
     t1 = max(r["t1"] for r in results if r.get("consumer"))
     return t1 - t0
+
+
+# --------------------------------------------------------------------------
+# Other load on the machine (it is shared and noisy).
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (all cores)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _our_seconds() -> float:
+    """CPU seconds of this process and of its children that have been reaped."""
+    a = resource.getrusage(resource.RUSAGE_SELF)
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+class ForeignLoad:
+    """Cores used by *other* processes while a block runs (ours: this process and reaped children)."""
+
+    def __enter__(self):
+        self.t0, self.b0, self.o0 = now(), _busy_seconds(), _our_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        dt = max(now() - self.t0, 1e-6)
+        self.cores = max(0.0, (_busy_seconds() - self.b0) - (_our_seconds() - self.o0)) / dt
+
+
+class QuietGate:
+    """Before a run, wait (within a budget) until other processes use less than ``limit`` cores."""
+
+    def __init__(self, limit=0.3, per_run=3.0, budget=90.0):
+        self.limit, self.per_run, self.budget = limit, per_run, budget
+        self.waited = 0.0
+
+    def wait(self) -> float:
+        """Wait for quiet; return the foreign load seen in the last 0.2 s window."""
+        start = now()
+        while True:
+            with ForeignLoad() as f:
+                time.sleep(0.2)
+            spent = now() - start
+            if f.cores < self.limit or spent >= self.per_run or self.waited + spent >= self.budget:
+                self.waited += spent
+                return f.cores
 
 
 # --------------------------------------------------------------------------
