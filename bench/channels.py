@@ -19,14 +19,13 @@ import io
 import json
 import os
 import pstats
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import peers as P
-from .common import (CTX, REPO, ForeignLoad, LoadSampler, QuietGate, RunError, ShmWatch, Unavailable,
+from .common import (REPO, ForeignLoad, LoadSampler, QuietGate, RunError, ShmWatch, Unavailable,
                      calibrate, elapsed, fmt_rate, log, machine, median, now, run_roles)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -679,8 +678,6 @@ def _ns_per(fn, k, reps=5):
 
 
 def breakdown(watch: ShmWatch, cases: dict) -> dict:
-    import msgpack  # noqa: F401
-
     import shm
     from shm.codec import get_codec
     out = {}
@@ -1050,8 +1047,12 @@ def write_markdown(path, cases, verdicts, info, bd, bdl, prof, watch, opts, wall
     removed = ShmWatch.summary(watch.removed)
     L.append("- shm segments left in /dev/shm after a run (a bug if any): " + ("; ".join(leaks) if leaks else "none"))
     L.append("- removed after peers (their own leftovers): " + ("; ".join(removed) if removed else "none"))
+    new = watch.new_since_start()
     L.append(f"- /dev/shm entries before the run: {len(watch.before)}; new entries still there at the end: "
-             f"{len(watch.new_since_start())} (other processes on this shared machine can create some)")
+             f"{len(new)}" + (f" ({', '.join(new[:5])}{', ...' if len(new) > 5 else ''}: none is a segment of a "
+                              "channel this benchmark made, those are checked and removed after every run; other "
+                              "sessions on this shared machine make channels too)" if new else ""))
+    L.append("- processes: every run's children are joined (or killed by pid after a timeout) before the next run")
     L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))
