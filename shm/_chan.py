@@ -495,6 +495,21 @@ class _Chan:
             self.registry.retire(t, v)
         self.fork_tokens = []
 
+    def settle_inherited(self, keep: set[int]) -> None:
+        """A multiprocessing child now knows which of its inherited handles it was given.
+
+        Roles of handles reachable from its Process (target args, kwargs,
+        attributes) keep counting; the others, inherited but not handed to
+        it, stop counting now instead of at its first use of the channel.
+        """
+        with self.lock:
+            if not self.pending or self.sticky or self.me < 0:
+                return
+            for r in self.pending - keep:
+                if not self.confirmed[r]:
+                    self.registry.clear_role(self.me, r)
+            self.pending.clear()
+
     # ------------------------------------------------------------------
     # Kernel calls that run without the GIL.
 
@@ -1314,12 +1329,66 @@ class _MpHook:
 _mp_hook = _MpHook()
 
 
+def _reachable_handles(root, limit: int = 20000) -> list:
+    """shm handles reachable from ``root`` through containers and object attributes."""
+    from .channel import _Handle
+    found, seen, stack = [], set(), [root]
+    while stack and len(seen) < limit:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, _Handle):
+            found.append(o)
+        elif isinstance(o, (tuple, list, set, frozenset)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (str, bytes, bytearray, int, float, complex, bool, type(None), np.ndarray,
+                            memoryview, type)) or callable(o) and not hasattr(o, "__self__"):
+            continue
+        elif hasattr(o, "__self__"):
+            stack.append(o.__self__)            # a bound method: its object
+        else:
+            d = getattr(o, "__dict__", None)
+            if isinstance(d, dict):
+                stack.extend(d.values())
+            for cls in type(o).__mro__:
+                for slot in getattr(cls, "__slots__", ()):
+                    if isinstance(slot, str) and slot not in ("__dict__", "__weakref__"):
+                        v = getattr(o, slot, None)
+                        if v is not None:
+                            stack.append(v)
+    return found
+
+
+def _mp_after_fork(_):
+    """In a multiprocessing child (after _bootstrap set current_process())."""
+    _install_mp_finalizer()
+    try:
+        import multiprocessing
+        proc = multiprocessing.current_process()
+        handles = _reachable_handles(proc.__dict__)
+    except Exception:
+        return
+    keep: dict[int, set[int]] = {}
+    for h in handles:
+        c = getattr(h, "_c", None)
+        if c is not None:
+            keep.setdefault(id(c), set()).add(h._role)
+    for c in list(_OPEN.values()):
+        try:
+            c.settle_inherited(keep.get(id(c), set()))
+        except Exception:
+            pass
+
+
 def _register_mp_hook():
     try:
         from multiprocessing import util
     except ImportError:  # pragma: no cover
         return
-    util.register_after_fork(_mp_hook, lambda _: _install_mp_finalizer())
+    util.register_after_fork(_mp_hook, _mp_after_fork)
 
 
 _register_mp_hook()

@@ -505,6 +505,35 @@ def test_inherited_unused_sender_does_not_keep_channel_open():
     rx.close(); out_tx.close(); out_rx.close()
 
 
+def test_pipeline_children_count_only_channels_they_were_given():
+    """fork: a sink inherits the source's channel but was not given it: it must not keep it open."""
+    from shm import demo
+    count, total, _ = demo.run_shm(3000)
+    assert (count, total) == (3000, demo.expected_total(3000))
+    count, total, _ = demo.run_shm(3000, batched=True)
+    assert (count, total) == (3000, demo.expected_total(3000))
+
+
+def _uses_global_sender():
+    _GLOBAL["tx"].send("from a global")
+    _GLOBAL["tx"].close()
+
+
+_GLOBAL = {}
+
+
+def test_forked_child_using_an_inherited_global_handle():
+    """A handle not passed as an argument still works when the child uses it (it re-registers)."""
+    tx, rx = shm.bounded(4)
+    _GLOBAL["tx"] = tx
+    p = mp.get_context("fork").Process(target=_uses_global_sender)
+    p.start()
+    assert rx.recv(timeout=60) == "from a global"
+    p.join(30)
+    _GLOBAL.clear()
+    tx.close(); rx.close()
+
+
 def test_large_numpy_array_capacity_4(ctx):
     """A 64 MiB array gets through a channel of capacity 4 (and back)."""
     tx, rx = shm.bounded(4, codec="numpy")

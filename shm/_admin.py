@@ -1,0 +1,214 @@
+"""What ``python -m shm ls / inspect / gc`` do: read segments without joining them.
+
+Listing reads headers and participant tables through read-only kernels; it
+never registers as a participant, so it cannot keep a structure alive or
+change when it is unlinked. ``gc`` removes a structure only when every
+process that was attached to it is dead (and no handle is in transit from a
+live process), plus any derived segment (ring generation, blob) whose
+structure is gone. Segments that are not shm's, or belong to live
+processes, are never touched.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from kernels import layout as L
+from kernels import ring as R
+
+from . import _liveness
+from .errors import SegmentError, ShmError
+from .segment import Segment, unlink_name
+
+SHM_DIR = "/dev/shm"
+
+
+def _names() -> list[str]:
+    try:
+        return sorted(os.listdir(SHM_DIR))
+    except OSError:
+        return []
+
+
+def _attach(name: str):
+    try:
+        return Segment.attach(name)
+    except (ShmError, OSError, ValueError):
+        return None
+
+
+def _participants(seg: Segment) -> list[dict]:
+    from ._registry import Registry
+    p = seg.params
+    reg = Registry(seg, p[L.P_PARTICIPANTS], p[L.P_TOKENS], (L.CH_TX_ROLES, L.CH_RX_ROLES),
+                   (L.CH_TX_TOKENS, L.CH_RX_TOKENS), (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
+    out = []
+    for idx, pid, alive in reg.pids():
+        roles = int(seg.w[(p[L.P_PARTICIPANTS] + idx * L.PT_SIZE + L.PT_ROLES) >> 3])
+        out.append({"index": idx, "pid": pid, "alive": alive,
+                    "sender": bool(roles & 1), "receiver": bool(roles & 2)})
+    return out, reg
+
+
+def _channel_figures(seg: Segment) -> dict:
+    p = seg.params
+    d = np.zeros(R.D_LEN, np.int64)
+    d[R.D_BASE] = seg.addr
+    d[R.D_SIZE] = seg.size
+    d[R.D_RING] = p[L.P_RING]
+    d[R.D_CAP] = p[L.P_RING_CAP]
+    d[R.D_SLOT] = p[L.P_SLOT]
+    d[R.D_ME] = -1
+    d[R.D_CTRL] = seg.addr
+    d[R.D_CTRL_SIZE] = seg.size
+    sent, received = R.counter_at(d.ctypes.data, 0), R.counter_at(d.ctypes.data, 1)
+    flavor = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded",
+              L.FLAVOR_RENDEZVOUS: "rendezvous"}.get(p[L.P_FLAVOR], "?")
+    w = seg.w
+    fig = {"flavor": flavor, "capacity": p[L.P_CAPACITY], "slot": p[L.P_SLOT],
+           "codec": {0: "bytes", 1: "msgpack", 2: "pickle", 3: "numpy"}.get(p[L.P_CODEC], "?"),
+           "generations": [int(w[L.CH_HEAD_GEN >> 3]), int(w[L.CH_TAIL_GEN >> 3])],
+           "recovered": int(w[L.CH_TOMBSTONES >> 3]), "lost": int(w[L.CH_DROPPED >> 3]),
+           "reaped": int(w[L.CH_REAPED >> 3]), "blob_bytes": int(w[L.CH_BLOB_BYTES >> 3])}
+    if flavor != "unbounded":
+        fig.update(sent=sent, received=received, depth=max(0, sent - received))
+    return fig
+
+
+def describe(name: str) -> dict | None:
+    """A dict describing segment ``name``, or None if it is not an shm segment we can read."""
+    seg = _attach(name)
+    if seg is None:
+        return None
+    try:
+        cpid, cstart = seg.creator
+        info = {"name": name, "kind": L.KIND_NAMES.get(seg.kind, str(seg.kind)), "size": seg.size,
+                "family": seg.family, "of": seg.public_name,
+                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(seg.w[L.SEG_CREATED_NS >> 3]) / 1e9)),
+                "creator": {"pid": cpid, "alive": _liveness.alive(cpid, cstart)},
+                "state": {L.SEG_OPEN: "open", L.SEG_UNLINKED: "unlinked", L.SEG_INIT: "init"}.get(
+                    seg.state & L.SEG_STATE_MASK, "closing")}
+        if seg.kind == L.KIND_CHANNEL:
+            parts, reg = _participants(seg)
+            info["participants"] = parts
+            info["tokens"] = reg.live_tokens()
+            info["waiting"] = {"receivers": reg.waiting_count(R.SIDE_RX), "senders": reg.waiting_count(R.SIDE_TX)}
+            info.update(_channel_figures(seg))
+        return info
+    finally:
+        seg.close()
+
+
+def list_segments() -> list[dict]:
+    out = []
+    for name in _names():
+        info = describe(name)
+        if info is not None:
+            out.append(info)
+    return out
+
+
+def inspect(name: str) -> dict:
+    info = describe(name.lstrip("/"))
+    if info is None:
+        raise SystemExit(f"{name!r}: no readable shm segment by that name")
+    return info
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("no shm segments")
+        return
+    print(f"{'NAME':<28} {'KIND':<8} {'SIZE':>10}  {'OF':<22} PIDS (alive*)  DEPTH")
+    for r in rows:
+        pids = " ".join(f"{p['pid']}{'*' if p['alive'] else ''}" for p in r.get("participants", []))
+        depth = r.get("depth", "")
+        print(f"{r['name']:<28} {r['kind']:<8} {r['size']:>10}  {r['of']:<22} {pids or '-':<14} {depth}")
+
+
+def format_info(info: dict) -> str:
+    lines = []
+    for k, v in info.items():
+        if k == "participants":
+            lines.append("participants:")
+            for p in v:
+                role = "+".join(x for x in ("sender", "receiver") if p[x]) or "-"
+                lines.append(f"  [{p['index']}] pid {p['pid']} {'alive' if p['alive'] else 'DEAD'} {role}")
+        else:
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)
+
+
+def _dead_structure(seg: Segment) -> bool:
+    """No participant alive, no token in transit from a live process, no live creator mid-init."""
+    if seg.kind != L.KIND_CHANNEL:
+        return False
+    parts, reg = _participants(seg)
+    if any(p["alive"] for p in parts) or reg.live_tokens():
+        return False
+    cpid, cstart = seg.creator
+    return not (seg.state & L.SEG_STATE_MASK == L.SEG_INIT and _liveness.alive(cpid, cstart))
+
+
+def gc(dry_run: bool = False) -> list[str]:
+    """Remove shm structures whose processes are all dead; returns the names removed."""
+    names = _names()
+    removed: list[str] = []
+    live_families = set()
+    dead_families = set()
+    for name in names:
+        seg = _attach(name)
+        if seg is None:
+            continue
+        try:
+            if seg.kind == L.KIND_CHANNEL:
+                if _dead_structure(seg):
+                    dead_families.add(seg.family)
+                    removed.append(name)
+                    if not dry_run:
+                        seg.set_state(seg.state, L.SEG_UNLINKED)
+                        unlink_name(name)
+                else:
+                    live_families.add(seg.family)
+        finally:
+            seg.close()
+    for name in names:
+        if name in removed:
+            continue
+        seg = _attach(name)
+        if seg is None:
+            # A segment stuck before its header (creator died): ours only if it carries our prefix.
+            if name.startswith("shm_") and _stale_headerless(name):
+                removed.append(name)
+                if not dry_run:
+                    unlink_name(name)
+            continue
+        try:
+            if seg.kind in (L.KIND_RING, L.KIND_BLOB) and (
+                    seg.family in dead_families or seg.family not in live_families):
+                removed.append(name)
+                if not dry_run:
+                    unlink_name(name)
+        finally:
+            seg.close()
+    return removed
+
+
+def _stale_headerless(name: str) -> bool:
+    try:
+        st = os.stat(os.path.join(SHM_DIR, name))
+    except OSError:
+        return False
+    if time.time() - st.st_ctime < 10:
+        return False
+    try:
+        with open(os.path.join(SHM_DIR, name), "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return len(head) < 8 or head == b"\0" * 8
+
+
+__all__ = ["list_segments", "describe", "inspect", "gc", "print_table", "format_info", "SegmentError"]
