@@ -57,11 +57,16 @@ push: claim slot          CAS FREE(t) -> WRITING(t, me)  acquire: the release of
                                                          old payload happen before we overwrite it
 push: advance tail        CAS tail t -> t+1              relaxed: positions order nothing; stamps do
 push: publish             store PUBLISHED(t)             release: the consumer's acquire of the stamp
+                                                         (seq_cst, to double as the wake-check fence)
 pop: claim slot           CAS PUBLISHED(h) -> READING    acquire: the producer's release of PUBLISHED
 pop: advance head         CAS head h -> h+1              relaxed
 pop: release slot         store FREE(h + cap)            release: the next producer's claim (acquire)
-wake check (both sides)   fence; load waiter bitmap      seq_cst: the waiter's fence after setting its
-                                                         bit (Dekker): one of the two sees the other
+                                                         (seq_cst, to double as the wake-check fence)
+wake check (both sides)   [fence]; load waiter bitmap    seq_cst: the waiter's fence after setting its
+                                                         bit (Dekker): one of the two sees the other.
+                                                         After a single publish/release the seq_cst
+                                                         store is the fence (one xchg on x86, not
+                                                         mov + mfence); batches fence once at the end
 disconnect check (pop)    load sender bitmap, *then*     acquire: the closer's fetch_and of its bit,
                           re-check the head slot         so its last publish is visible
 ========================= ============================== =============================================
@@ -297,6 +302,13 @@ def _wake(c, side, n):
     bit. Either we see its bit, or it sees what we published before this call.
     """
     A.fence("seq_cst")
+    _wake_sc(c, side, n)
+
+
+@jit(inline="always")
+def _wake_sc(c, side, n):
+    """``_wake`` right after a seq_cst store (which orders like the fence, for less:
+    an ``xchg`` instead of a ``mov`` plus an ``mfence`` on x86)."""
     acc = 0
     base = _waiters_off(side) >> 3
     for k in range(L.BITMAP_WORDS):
@@ -353,7 +365,9 @@ def _claim_push(w, d, me):
 def _publish(w, d, pos, meta):
     sw = _slot_off(d, pos) >> 3
     A.store(w, sw + 1, meta, "relaxed")
-    A.store(w, sw, stamp(pos, 0, PUBLISHED), "release")
+    # release would do for the consumer; seq_cst also orders it before the
+    # waiter-bitmap load that follows (_wake_sc), in one instruction.
+    A.store(w, sw, stamp(pos, 0, PUBLISHED), "seq_cst")
 
 
 @jit
@@ -379,7 +393,7 @@ def try_push(d, src, n):
     off = _slot_off(d, pos)
     copy(_bytes(d), off + L.SLOT_HEADER, src, 0, n)
     _publish(w, d, pos, n | (d[D_KIND] << L.META_KIND_SHIFT))
-    _wake(c, SIDE_RX, 1)
+    _wake_sc(c, SIDE_RX, 1)
     return OK
 
 
@@ -544,8 +558,9 @@ def _claim_pop(w, d, me, peek_blob):
 
 @jit(inline="always")
 def _release(w, d, pos):
-    # release: pairs with the next producer's acquire claim of FREE(pos + cap).
-    A.store(w, _slot_off(d, pos) >> 3, stamp(pos + d[D_CAP], 0, FREE), "release")
+    # release (made seq_cst, see _publish): pairs with the next producer's acquire
+    # claim of FREE(pos + cap).
+    A.store(w, _slot_off(d, pos) >> 3, stamp(pos + d[D_CAP], 0, FREE), "seq_cst")
 
 
 @jit
@@ -564,7 +579,7 @@ def _pop_one(d, dst, aux):
         flags = (meta >> L.META_FLAGS_SHIFT) & 0xFF
         if flags & L.FLAG_TOMB:
             _release(w, d, pos)
-            _wake(_ctrl(d), SIDE_TX, 1)
+            _wake_sc(_ctrl(d), SIDE_TX, 1)
             continue
         if flags & L.FLAG_BLOB:
             A.store(aux, 0, pos, "relaxed")
@@ -573,7 +588,7 @@ def _pop_one(d, dst, aux):
         n = meta & L.META_LEN_MASK
         r = copy(dst, 0, b, off + L.SLOT_HEADER, n) if n <= _inline_cap(d) else -1
         _release(w, d, pos)
-        _wake(_ctrl(d), SIDE_TX, 1)
+        _wake_sc(_ctrl(d), SIDE_TX, 1)
         if r < 0:
             return CORRUPT
         return (n << 8) | ((meta >> L.META_KIND_SHIFT) & 0xFF)
@@ -723,12 +738,8 @@ def backoff(step):
         sched_yield()
 
 
-@jit("int64(int64, int64)")
-def pop_spin_at(daddr, steps):
-    """``pop_at``, retried with backoff while EMPTY for up to ``steps`` steps."""
-    d = i64_at(daddr, D_LEN)
-    if d[D_SIZE] == 0:
-        return CLOSED
+@jit(inline="always")
+def _pop_spin(d, steps):
     r = _pop_area(d)
     k = 0
     while r == EMPTY and k < steps:
@@ -740,12 +751,8 @@ def pop_spin_at(daddr, steps):
     return r
 
 
-@jit("int64(int64, int64, int64, int64)")
-def push_spin_at(daddr, src_addr, n, steps):
-    """``push_at``, retried with backoff while FULL for up to ``steps`` steps."""
-    d = i64_at(daddr, D_LEN)
-    if d[D_SIZE] == 0:
-        return CLOSED
+@jit(inline="always")
+def _push_spin(d, src_addr, n, steps):
     if n < 0 or n > _inline_cap(d):
         return TOO_BIG
     src = u8_at(src_addr, n)
@@ -758,6 +765,42 @@ def push_spin_at(daddr, src_addr, n, steps):
             return CLOSED
         r = try_push(d, src, n)
     return r
+
+
+@jit("int64(int64, int64)")
+def pop_spin_at(daddr, steps):
+    """``pop_at``, retried with backoff while EMPTY for up to ``steps`` steps (no GIL)."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    return _pop_spin(d, steps)
+
+
+@jit("int64(int64, int64)", nogil=False)
+def pop_spin_gil_at(daddr, steps):
+    """``pop_spin_at`` keeping the GIL: for a few microseconds of spinning, cheaper to call."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    return _pop_spin(d, steps)
+
+
+@jit("int64(int64, int64, int64, int64)")
+def push_spin_at(daddr, src_addr, n, steps):
+    """``push_at``, retried with backoff while FULL for up to ``steps`` steps (no GIL)."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    return _push_spin(d, src_addr, n, steps)
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def push_spin_gil_at(daddr, src_addr, n, steps):
+    """``push_spin_at`` keeping the GIL (short spins)."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    return _push_spin(d, src_addr, n, steps)
 
 
 @jit

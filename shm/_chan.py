@@ -95,6 +95,8 @@ _PUBLISH = _entry(R.publish_at)
 _PUBLISH_INLINE = _entry(R.publish_inline_at)
 _POP = _entry(R.pop_at)
 _POP_SPIN = _entry(R.pop_spin_at)
+_POP_SPIN_GIL = _entry(R.pop_spin_gil_at)
+_PUSH_SPIN_GIL = _entry(R.push_spin_gil_at)
 _POP_MANY = _entry(R.pop_many_at)
 _RELEASE = _entry(R.release_at)
 _SLOT_WORD = _entry(R.slot_word_at)
@@ -122,6 +124,8 @@ BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes ob
 DEFAULT_SLOT = 256
 MAX_SLOT = 1 << 20
 BATCH = 256                   # messages per recv_many kernel call
+SHORT_SPIN = 7                # backoff steps the fast path spins with the GIL (127 pauses, ~3 us)
+SEND_SPIN = 40                # retries (with sched_yield) of a blocked send before it parks
 RING0_UNBOUNDED = 256         # slots of an unbounded channel's first generation
 MAX_RING_BYTES = 16 << 20     # bytes of slots in its largest generations
 BLOB_MIN = 64 << 10           # smallest blob segment
@@ -266,6 +270,9 @@ class _Chan:
         self.fast_inline = -1 if self.flavor == L.FLAVOR_RENDEZVOUS else self.inline
         self.kind = self.codec.kind
         self.encode = self.codec.encode
+        self.raw = self.codec.id == 0                        # bytes codec: bytes pass as they are
+        self.fast_encode = self.codec.fast_encode or self.codec.encode
+        self.fast_decode = self.codec.fast_decode
         self.registry = Registry(ctrl, lay["participants"], lay["tokens"],
                                  (L.CH_TX_ROLES, L.CH_RX_ROLES), (L.CH_TX_TOKENS, L.CH_RX_TOKENS),
                                  (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
@@ -851,8 +858,16 @@ class _Chan:
             if res is _wait.WOULD_BLOCK:
                 raise Full(f"channel {self.name!r} is full", message=obj)
         else:
+            def spin():
+                for _ in range(SEND_SPIN):
+                    os.sched_yield()
+                    r = _retrying(attempt)
+                    if r is not _wait.WOULD_BLOCK:
+                        return r
+                return _wait.WOULD_BLOCK
+
             res = _wait.block(lambda: _retrying(attempt), lambda s: self.park(L.ROLE_TX, s),
-                              deadline, self.check_peers)
+                              deadline, self.check_peers, spin=spin)
             if res is _wait.TIMED_OUT:
                 raise Full(f"channel {self.name!r} stayed full until the timeout", message=obj)
         if rendezvous:
@@ -1016,7 +1031,19 @@ class _Chan:
     def decode_area(self, st: _Rx, r):
         n = r >> R.LEN_SHIFT
         off = ((r >> R.AREA_SHIFT) & (R.N_AREAS - 1)) * self.area
-        return self.codec.decode(r & 0xFF, st.scratch[off:off + n])
+        return self.decode(r & 0xFF, st.scratch[off:off + n])
+
+    def decode(self, kind, buf: bytes):
+        """Decode a message copied out as ``bytes``."""
+        if kind == self.kind:
+            if self.raw:
+                return buf
+            if self.fast_decode is not None:
+                try:
+                    return self.fast_decode(buf)
+                except Exception:
+                    pass        # decode() raises the codec's DecodeError
+        return self.codec.decode(kind, buf)
 
     def _decode_blob_area(self, st: _Rx, r):
         off = (R.BLOB_AREA - r) * self.area
@@ -1027,7 +1054,7 @@ class _Chan:
         """Up to ``max_items`` messages: waits for the first, then takes what is queued."""
         st = self.rx_state()
         out: list = []
-        dec = self.codec.decode
+        dec = self.decode
         while len(out) < max_items:
             r = _POP_MANY(st.addr(self.rxr), st.lens_addr, min(BATCH, max_items - len(out)))
             if r > 0:

@@ -40,12 +40,14 @@ from kernels import layout as L
 from kernels import ring as R
 
 from . import _chan
-from ._chan import _POP, _PUSH, BYTES_OFF, _Chan
+from ._chan import _POP, _POP_SPIN_GIL, _PUSH, _PUSH_SPIN_GIL, BYTES_OFF, SHORT_SPIN as _SHORT, _Chan
 from ._wait import deadline_of
 from .errors import Closed, Disconnected, Empty
 
 __all__ = ["bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats"]
 
+_EMPTY = R.EMPTY
+_FULL = R.FULL
 _FLAVOR_NAMES = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded", L.FLAVOR_RENDEZVOUS: "rendezvous"}
 
 
@@ -293,10 +295,21 @@ class Sender(_Handle):
             raise Closed("this Sender was closed")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be a non-negative number of seconds (or None)")
-        data = c.encode(obj)
-        if type(data) is bytes and len(data) <= c.fast_inline and \
-                _PUSH(c.tx_addr, id(data) + BYTES_OFF, len(data)) == 0:
-            return
+        if type(obj) is bytes and c.raw:
+            data = obj
+        else:
+            try:
+                data = c.fast_encode(obj)
+            except Exception:
+                data = c.encode(obj)        # raises the codec's EncodeError
+        if type(data) is bytes:
+            n = len(data)
+            if n <= c.fast_inline:
+                r = _PUSH(c.tx_addr, id(data) + BYTES_OFF, n)
+                if r == 0:
+                    return
+                if r == _FULL and _PUSH_SPIN_GIL(c.tx_addr, id(data) + BYTES_OFF, n, _SHORT) == 0:
+                    return
         c.send(obj, data, deadline_of(timeout))
 
     def try_send(self, obj) -> None:
@@ -307,7 +320,13 @@ class Sender(_Handle):
         c = self._c
         if c is None:
             raise Closed("this Sender was closed")
-        data = c.encode(obj)
+        if type(obj) is bytes and c.raw:
+            data = obj
+        else:
+            try:
+                data = c.fast_encode(obj)
+            except Exception:
+                data = c.encode(obj)
         if type(data) is bytes and len(data) <= c.fast_inline and \
                 _PUSH(c.tx_addr, id(data) + BYTES_OFF, len(data)) == 0:
             return
@@ -348,9 +367,19 @@ class Receiver(_Handle):
             raise ValueError("timeout must be a non-negative number of seconds (or None)")
         if _get_ident() == c.rx_tid:
             r = _POP(c.rx_addr)
+            if r == _EMPTY:
+                r = _POP_SPIN_GIL(c.rx_addr, _SHORT)
             if r >= 0:
                 off = ((r >> 8) & 63) * c.area
-                return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+                buf = c.scratch[off:off + (r >> 16)]
+                if (r & 0xFF) == c.kind:
+                    if c.raw:
+                        return buf
+                    try:
+                        return c.fast_decode(buf)
+                    except Exception:
+                        pass
+                return c.codec.decode(r & 0xFF, buf)
             return c.recv(c.rx0, r, deadline_of(timeout))
         return c.recv(c.rx_state(), None, deadline_of(timeout))
 
@@ -363,7 +392,7 @@ class Receiver(_Handle):
             r = _POP(c.rx_addr)
             if r >= 0:
                 off = ((r >> 8) & 63) * c.area
-                return c.codec.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
+                return c.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
             return c.recv(c.rx0, r, None, blocking=False)
         return c.recv(c.rx_state(), None, None, blocking=False)
 

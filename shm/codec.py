@@ -27,6 +27,7 @@ naming the codec and the fix; nothing is sent and the channel stays usable.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import pickle
 import struct
@@ -60,6 +61,11 @@ class Codec:
     name = "?"
     kind = K_RAW
     kinds = frozenset()
+    # C-level callables for the channels' fast path (exceptions are turned into
+    # the codec's EncodeError/DecodeError by calling encode/decode again);
+    # None where there is no faster way than encode/decode.
+    fast_encode = None
+    fast_decode = None
 
     def encode(self, obj):
         raise NotImplementedError
@@ -110,6 +116,8 @@ class MsgpackCodec(Codec):
 
     def __init__(self):
         self._pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+        self.fast_encode = self._pack
+        self.fast_decode = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
 
     def encode(self, obj):
         try:
@@ -135,6 +143,8 @@ class PickleCodec(Codec):
     name = "pickle"
     kind = K_PICKLE
     kinds = frozenset({K_PICKLE, K_NDARRAY})
+    fast_encode = staticmethod(functools.partial(pickle.dumps, protocol=5))
+    fast_decode = staticmethod(pickle.loads)
 
     def encode(self, obj):
         try:
@@ -161,6 +171,10 @@ class NumpyCodec(MsgpackCodec):
     name = "numpy"
     kind = K_MSGPACK
     kinds = frozenset({K_MSGPACK, K_NDARRAY})
+
+    def __init__(self):
+        super().__init__()
+        self.fast_encode = None      # arrays need encode()
 
     def encode(self, obj):
         if isinstance(obj, np.ndarray):
