@@ -124,7 +124,7 @@ from . import atomics as A
 from . import layout as L
 from ._jit import jit
 from .memory import copy, i64_at, u8_at
-from .syscalls import futex_wait, futex_wake, sched_yield
+from .syscalls import futex_wait, futex_wake, sched_yield, thread_id
 
 # --------------------------------------------------------------------------
 # Descriptor (process-local int64[D_LEN]).
@@ -142,19 +142,26 @@ D_DST_SIZE = 9      # its size
 D_KIND = 10         # kind byte stamped on messages pushed by push_at
 D_POS = 11          # out (try_pop): position of a blob message popped
 D_META = 12         # out (try_pop): its meta word
-D_NEXT_AREA = 13    # pop_at: the next receive area to use
 D_AREA_SIZE = 14    # pop_at: bytes per receive area (>= inline capacity, >= 16)
 D_BATCH = 15        # pop_many_at: byte offset of the batch region in the receive buffer
-D_LEN = 16
+D_BANK_TID = 16     # pop_at: the thread (pthread_self) owning each of N_BANKS banks, 0 if free
+D_BANK_NEXT = 24    # pop_at: each bank's next area
+D_LEN = 32
 
-# pop_at copies each message into the next of N_AREAS areas of the receive
-# buffer, round robin, and says which in its result. Two threads sharing a
-# Receiver therefore never read each other's message, without a lock: each
-# has N_AREAS - 1 other pops' time to copy its message out.
+# pop_at copies each message into a *receive area* and returns which; the
+# Python caller then copies it out. Each thread that pops through a
+# descriptor gets a bank of N_AREAS areas of its own (found by
+# pthread_self() in the descriptor's bank table, claimed by CAS on first
+# use), used round robin, so a thread descheduled between the pop and its
+# copy-out (a GIL switch, 5 ms) never finds its area reused by another
+# thread. A thread that finds every bank taken gets NO_BANK and the Python
+# layer gives it a private descriptor.
+N_BANKS = 8
 N_AREAS = 64
-AREA_SHIFT = 8      # pop_at success: len << 16 | area << 8 | kind
-LEN_SHIFT = 16
-BLOB_AREA = -16     # pop_at: a blob message; its area (BLOB_AREA - r) holds pos, meta
+AREA_SHIFT = 8      # pop_at success: len << 17 | (bank * N_AREAS + area) << 8 | kind
+AREA_MASK = N_BANKS * N_AREAS - 1
+LEN_SHIFT = 17
+BLOB_AREA = -16     # pop_at: a blob message; its area index is BLOB_AREA - r; it holds pos, meta
 
 # --------------------------------------------------------------------------
 # Status codes (negative; a pop's success value is len << 8 | kind >= 0).
@@ -169,9 +176,11 @@ BLOB = -6
 UNREGISTERED = -7
 CORRUPT = -8
 CLOSED = -9         # the descriptor was closed (its mapping is gone or going)
+NO_BANK = -10       # pop_at: every receive bank of this descriptor belongs to another thread
 STATUS_NAMES = {OK: "OK", EMPTY: "EMPTY", FULL: "FULL", DISCONNECTED: "DISCONNECTED",
                 SEALED: "SEALED", TOO_BIG: "TOO_BIG", BLOB: "BLOB",
-                UNREGISTERED: "UNREGISTERED", CORRUPT: "CORRUPT", CLOSED: "CLOSED"}
+                UNREGISTERED: "UNREGISTERED", CORRUPT: "CORRUPT", CLOSED: "CLOSED",
+                NO_BANK: "NO_BANK"}
 
 # --------------------------------------------------------------------------
 # Stamps.
@@ -268,10 +277,10 @@ def _inline_cap(d):
 
 @jit(inline="always")
 def _any_bits(c, word_off, nwords):
-    acc = 0
-    for k in range(nwords):
-        acc |= A.load(c, (word_off >> 3) + k, "acquire")
-    return acc != 0
+    for k in range(nwords):        # participants are usually < 64: one load
+        if A.load(c, (word_off >> 3) + k, "acquire") != 0:
+            return True
+    return False
 
 
 @jit(inline="always")
@@ -608,9 +617,27 @@ def try_pop(d, dst):
 
 
 @jit(inline="always")
+def _bank(d):
+    """This thread's bank of receive areas in ``d``, claiming a free one if needed; -1 if none."""
+    tid = thread_id()
+    for b in range(N_BANKS):
+        if A.load(d, D_BANK_TID + b, "relaxed") == tid:
+            return b
+    for b in range(N_BANKS):
+        if A.load(d, D_BANK_TID + b, "relaxed") == 0 and A.cas(d, D_BANK_TID + b, 0, tid, "relaxed") == 0:
+            return b
+    return -1
+
+
+@jit(inline="always")
 def _pop_area(d):
-    # Atomic: pop_spin_at runs without the GIL, alongside pop_at in other threads.
-    area = A.fetch_add(d, D_NEXT_AREA, 1, "relaxed") & (N_AREAS - 1)
+    b = _bank(d)
+    if b < 0:
+        return NO_BANK
+    # Only this thread uses its bank's counter: no atomic RMW needed.
+    k = A.load(d, D_BANK_NEXT + b, "relaxed")
+    A.store(d, D_BANK_NEXT + b, (k + 1) & (N_AREAS - 1), "relaxed")
+    area = b * N_AREAS + k
     at = d[D_DST] + area * d[D_AREA_SIZE]
     r = _pop_one(d, u8_at(at, d[D_AREA_SIZE]), i64_at(at, 2))
     if r >= 0:
@@ -624,9 +651,9 @@ def _pop_area(d):
 def pop_at(daddr):
     """``try_pop`` for the Python fast path, into the next receive area.
 
-    Returns ``len << 16 | area << 8 | kind`` on success, ``BLOB_AREA - area``
+    Returns ``len << 17 | area << 8 | kind`` on success, ``BLOB_AREA - area``
     for a blob message (the area holds its position and meta word), or a
-    status.
+    status (NO_BANK: this thread needs a descriptor of its own).
     """
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:

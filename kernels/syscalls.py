@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import sys
+import threading
 import time
 
 from llvmlite import ir
@@ -27,7 +28,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
-__all__ = ["futex_wait", "futex_wake", "sched_yield", "monotonic_ns", "HAVE_FUTEX"]
+__all__ = ["futex_wait", "futex_wake", "sched_yield", "monotonic_ns", "thread_id", "HAVE_FUTEX"]
 
 if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("shm kernels assume a little-endian CPU (the futex word is the low half of an int64)")
@@ -131,6 +132,13 @@ def _monotonic_ns(typingctx):
     return types.int64(), codegen
 
 
+@intrinsic
+def _thread_id(typingctx):
+    def codegen(context, builder, sig, args):
+        return builder.call(_libc_fn(builder, "pthread_self", _I64, []), [])
+    return types.int64(), codegen
+
+
 # --------------------------------------------------------------------------
 # Interpreter versions (reference bodies), through ctypes.
 
@@ -175,6 +183,18 @@ def sched_yield():
 def monotonic_ns():
     """``CLOCK_MONOTONIC`` in nanoseconds (the same clock in every process)."""
     return time.monotonic_ns()
+
+
+def thread_id():
+    """``pthread_self()`` of the calling thread (never 0)."""
+    return threading.get_ident()
+
+
+@overload(thread_id, inline="always")
+def _ol_thread_id():
+    def impl():
+        return _thread_id()
+    return impl
 
 
 @overload(futex_wait, inline="always")

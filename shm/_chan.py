@@ -53,6 +53,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import mmap
+from itertools import accumulate
 import os
 import threading
 import time
@@ -66,7 +67,9 @@ from kernels import words as W
 
 from . import _liveness, _wait
 from ._registry import Registry
-from .codec import K_NDARRAY, decode_ndarray, get_codec
+import msgpack
+
+from .codec import K_MSGPACK, get_codec
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, Full,
                      MessageTooLarge, SegmentExists, SegmentNotFound, ShmError)
 from .segment import Segment, check_name, new_name, unlink_name
@@ -194,13 +197,13 @@ class _Ring:
 
 
 class _Rx:
-    """One thread's receive state: its receive areas and its descriptor on each ring.
+    """Receive areas and the descriptors that use them.
 
-    ``pop_at`` copies a message into one of ``N_AREAS`` areas, round robin,
-    and Python then copies it out. A thread descheduled between the two for
-    a GIL switch interval (5 ms) could see its area reused, so threads never
-    share areas: the thread that made or opened the channel keeps the
-    one-call fast path, and every other thread gets its own ``_Rx``.
+    ``pop_at`` copies a message into a receive area of the calling thread's
+    bank (``kernels/ring.py``: up to N_BANKS threads share the primary
+    descriptor, each with areas of its own). A thread that finds every bank
+    taken (``NO_BANK``) gets a private ``_Rx``: its own areas and its own
+    copy of each ring's descriptor.
     """
 
     def __init__(self, chan: "_Chan", primary: bool):
@@ -220,8 +223,9 @@ class _Rx:
         d[R.D_DST] = self.scratch_addr
         d[R.D_DST_SIZE] = self.scratch_size
         d[R.D_AREA_SIZE] = self.area
-        d[R.D_BATCH] = self.area * R.N_AREAS
-        d[R.D_NEXT_AREA] = 0
+        d[R.D_BATCH] = self.area * R.N_BANKS * R.N_AREAS
+        d[R.D_BANK_TID:R.D_BANK_TID + R.N_BANKS] = 0
+        d[R.D_BANK_NEXT:R.D_BANK_NEXT + R.N_BANKS] = 0
 
     def addr(self, ring: _Ring) -> int:
         """This thread's descriptor address on ``ring``."""
@@ -272,17 +276,16 @@ class _Chan:
         self.encode = self.codec.encode
         self.raw = self.codec.id == 0                        # bytes codec: bytes pass as they are
         self.fast_encode = self.codec.fast_encode or self.codec.encode
-        self.fast_decode = self.codec.fast_decode
+        self.fast_decode = self.codec.fast_decode or bytes      # bytes codec: buf is already bytes
         self.registry = Registry(ctrl, lay["participants"], lay["tokens"],
                                  (L.CH_TX_ROLES, L.CH_RX_ROLES), (L.CH_TX_TOKENS, L.CH_RX_TOKENS),
                                  (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
-        # Receive buffers: N_AREAS areas for single pops, then a batch region.
+        # Receive buffers: N_BANKS x N_AREAS areas for single pops, then a batch region.
         self.area = max(64, (self.inline + 63) // 64 * 64)
-        self.scratch_size = self.area * R.N_AREAS + self.inline * BATCH
+        self.scratch_size = self.area * R.N_BANKS * R.N_AREAS + self.inline * BATCH
         self.rx0 = _Rx(self, primary=True)
-        self.scratch = self.rx0.scratch          # the fast path's (rx_tid's) receive areas
-        self.rx_tid = threading.get_ident()
-        self.rx_states: dict[int, _Rx] = {}
+        self.scratch = self.rx0.scratch          # the shared descriptor's receive areas
+        self.rx_states: dict[int, _Rx] = {}     # private ones, for threads beyond N_BANKS
         self.me = -1
         self.counts = [0, 0]             # open handles per role in this process
         self.confirmed = [False, False]  # the role's descriptors carry D_ME
@@ -294,6 +297,7 @@ class _Chan:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
         self.blob_lock = threading.Lock()
+        self.batch_lock = threading.Lock()
         self.blobs: dict[tuple[int, int], tuple[int, Segment]] = {}
         r0 = _Ring(self, 0, ctrl, False, lay["ring"], ring_cap)
         self.rings: dict[int, _Ring] = {0: r0}
@@ -483,10 +487,14 @@ class _Chan:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
         self.blob_lock = threading.Lock()
+        self.batch_lock = threading.Lock()
+        self.rx_states = {}
         self.waiting = [0, 0]
         self.inflight = 0
         for ring in self.rings.values():
             ring.busy = 0
+            ring.drx[R.D_BANK_TID:R.D_BANK_TID + R.N_BANKS] = 0    # those threads are not here
+            ring.rx_extra.clear()
         self._reset_registration()
         inherited = {r for r in (L.ROLE_TX, L.ROLE_RX) if self.counts[r] > 0}
         self.pending = set()
@@ -963,10 +971,8 @@ class _Chan:
     # Receiving.
 
     def rx_state(self) -> _Rx:
-        """The calling thread's receive state."""
+        """A private receive state for the calling thread (when the shared banks are all taken)."""
         ident = threading.get_ident()
-        if ident == self.rx_tid:
-            return self.rx0
         st = self.rx_states.get(ident)
         if st is None:
             with self.lock:
@@ -983,6 +989,10 @@ class _Chan:
             if r is None:
                 r = _POP(st.addr(self.rxr))
             while True:
+                if r == R.NO_BANK:
+                    st = self.rx_state()
+                    r = _POP(st.addr(self.rxr))
+                    continue
                 if r >= 0:
                     return self.decode_area(st, r)
                 if r <= R.BLOB_AREA:
@@ -1030,7 +1040,7 @@ class _Chan:
 
     def decode_area(self, st: _Rx, r):
         n = r >> R.LEN_SHIFT
-        off = ((r >> R.AREA_SHIFT) & (R.N_AREAS - 1)) * self.area
+        off = ((r >> R.AREA_SHIFT) & R.AREA_MASK) * self.area
         return self.decode(r & 0xFF, st.scratch[off:off + n])
 
     def decode(self, kind, buf: bytes):
@@ -1052,26 +1062,17 @@ class _Chan:
 
     def recv_many(self, max_items: int, deadline, blocking=True) -> list:
         """Up to ``max_items`` messages: waits for the first, then takes what is queued."""
-        st = self.rx_state()
+        st = self.rx0
         out: list = []
-        dec = self.decode
         while len(out) < max_items:
-            r = _POP_MANY(st.addr(self.rxr), st.lens_addr, min(BATCH, max_items - len(out)))
-            if r > 0:
-                at = self.area * R.N_AREAS
-                sc = st.scratch
-                lens = st.lens
-                for j in range(r):
-                    v = int(lens[j])
-                    n = v & L.META_LEN_MASK
-                    out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
-                    at += n
-                continue
+            with self.batch_lock:       # one batch region per descriptor
+                r = _POP_MANY(self.rx_addr, st.lens_addr, min(BATCH, max_items - len(out)))
+                if r > 0:
+                    self._unbatch(st, r, out)
+                    continue
             if r == R.BLOB:
                 r = None        # the single-message path takes blobs
-            elif r == R.EMPTY and out:
-                return out
-            elif r == R.DISCONNECTED and out:
+            elif r in (R.EMPTY, R.DISCONNECTED) and out:
                 return out
             try:
                 out.append(self.recv(st, r, deadline, blocking))
@@ -1080,6 +1081,34 @@ class _Chan:
                     return out
                 raise
         return out
+
+    def _unbatch(self, st: _Rx, r: int, out: list) -> None:
+        """Decode ``r`` messages left back to back in the batch region."""
+        lens = st.lens[:r].tolist()
+        at = self.area * R.N_BANKS * R.N_AREAS
+        sc = st.scratch
+        kinds = {v >> L.META_KIND_SHIFT for v in lens}
+        if len(kinds) == 1 and self.kind in kinds and (self.raw or self.fast_decode is not None):
+            ends = list(accumulate((v & L.META_LEN_MASK for v in lens), initial=at))
+            if self.raw:
+                out.extend([sc[a:b] for a, b in zip(ends, ends[1:])])
+            elif self.kind == K_MSGPACK:
+                # Messages are whole msgpack objects back to back: one stream.
+                unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
+                unp.feed(sc[at:ends[-1]])
+                got = list(unp)
+                if len(got) != r:
+                    raise DecodeError(f"a batch on channel {self.name!r} did not decode to {r} messages")
+                out.extend(got)
+            else:
+                dec = self.fast_decode
+                out.extend([dec(sc[a:b]) for a, b in zip(ends, ends[1:])])
+            return
+        dec = self.decode
+        for v in lens:
+            n = v & L.META_LEN_MASK
+            out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
+            at += n
 
     # ------------------------------------------------------------------
     # Parking and peers.

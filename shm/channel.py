@@ -34,7 +34,6 @@ unsent message. A dead peer is noticed within about a second.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from threading import get_ident as _get_ident
 
 from kernels import layout as L
 from kernels import ring as R
@@ -118,8 +117,17 @@ class ChannelStats:
 
 
 class _Handle:
+    """Common to Sender and Receiver.
+
+    The hot methods (``send``/``try_send``, ``recv``/``try_recv``) are
+    closures made when the handle is attached, stored in the instance so
+    they shadow the class's methods: the constants they need are bound
+    once instead of looked up on every call. Closing the handle removes
+    them, and the class's methods then raise ``Closed``.
+    """
+
     _role = -1
-    __slots__ = ("_c", "__weakref__")    # _c: the _Chan, None once closed
+    _FAST = ()
 
     def __init__(self, *a, **k):
         raise TypeError(f"use shm.bounded()/unbounded()/rendezvous() or {type(self).__name__}.open(name)")
@@ -127,10 +135,15 @@ class _Handle:
     @classmethod
     def _attach(cls, chan: _Chan):
         self = object.__new__(cls)
+        self._c = None
         chan.acquire_role(cls._role)
         self._c = chan
+        self.__dict__.update(self._fast(chan))
         _chan._HANDLES.add(self)
         return self
+
+    def _fast(self, chan) -> dict:
+        return {}
 
     @classmethod
     def open(cls, name: str):
@@ -165,6 +178,8 @@ class _Handle:
         if c is None:
             return
         self._c = None
+        for k in self._FAST:
+            self.__dict__.pop(k, None)
         _chan._HANDLES.discard(self)
         c.release_role(self._role)
 
@@ -281,7 +296,10 @@ class Sender(_Handle):
     """The sending end of a channel."""
 
     _role = L.ROLE_TX
-    __slots__ = ()
+    _FAST = ("send", "try_send")
+
+    def _fast(self, c):
+        return {"send": _make_send(c, True), "try_send": _make_send(c, False)}
 
     def send(self, obj, timeout: float | None = None) -> None:
         """Send ``obj``, waiting up to ``timeout`` seconds for room (None: forever).
@@ -290,47 +308,14 @@ class Sender(_Handle):
         ``.message``) if no receiver is left, ``EncodeError`` (a TypeError) if
         the codec cannot encode ``obj``; in each case nothing was sent.
         """
-        c = self._c
-        if c is None:
-            raise Closed("this Sender was closed")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be a non-negative number of seconds (or None)")
-        if type(obj) is bytes and c.raw:
-            data = obj
-        else:
-            try:
-                data = c.fast_encode(obj)
-            except Exception:
-                data = c.encode(obj)        # raises the codec's EncodeError
-        if type(data) is bytes:
-            n = len(data)
-            if n <= c.fast_inline:
-                r = _PUSH(c.tx_addr, id(data) + BYTES_OFF, n)
-                if r == 0:
-                    return
-                if r == _FULL and _PUSH_SPIN_GIL(c.tx_addr, id(data) + BYTES_OFF, n, _SHORT) == 0:
-                    return
-        c.send(obj, data, deadline_of(timeout))
+        raise Closed("this Sender was closed")
 
     def try_send(self, obj) -> None:
         """Send ``obj`` if there is room now, else raise ``Full`` (with ``.message``).
 
         On a rendezvous channel, succeeds only if a receiver is waiting.
         """
-        c = self._c
-        if c is None:
-            raise Closed("this Sender was closed")
-        if type(obj) is bytes and c.raw:
-            data = obj
-        else:
-            try:
-                data = c.fast_encode(obj)
-            except Exception:
-                data = c.encode(obj)
-        if type(data) is bytes and len(data) <= c.fast_inline and \
-                _PUSH(c.tx_addr, id(data) + BYTES_OFF, len(data)) == 0:
-            return
-        c.send(obj, data, None, blocking=False)
+        raise Closed("this Sender was closed")
 
     def send_many(self, items, timeout: float | None = None) -> None:
         """Send every item of ``items`` in order, batching the kernel calls.
@@ -352,7 +337,10 @@ class Receiver(_Handle):
     """The receiving end of a channel. Iterating yields messages until disconnected."""
 
     _role = L.ROLE_RX
-    __slots__ = ()
+    _FAST = ("recv", "try_recv")
+
+    def _fast(self, c):
+        return {"recv": _make_recv(c, True), "try_recv": _make_recv(c, False)}
 
     def recv(self, timeout: float | None = None):
         """Receive the next message, waiting up to ``timeout`` seconds (None: forever).
@@ -360,41 +348,11 @@ class Receiver(_Handle):
         Raises ``Empty`` on timeout and ``Disconnected`` once every sender is
         gone and the channel is drained.
         """
-        c = self._c
-        if c is None:
-            raise Closed("this Receiver was closed")
-        if timeout is not None and timeout < 0:
-            raise ValueError("timeout must be a non-negative number of seconds (or None)")
-        if _get_ident() == c.rx_tid:
-            r = _POP(c.rx_addr)
-            if r == _EMPTY:
-                r = _POP_SPIN_GIL(c.rx_addr, _SHORT)
-            if r >= 0:
-                off = ((r >> 8) & 63) * c.area
-                buf = c.scratch[off:off + (r >> 16)]
-                if (r & 0xFF) == c.kind:
-                    if c.raw:
-                        return buf
-                    try:
-                        return c.fast_decode(buf)
-                    except Exception:
-                        pass
-                return c.codec.decode(r & 0xFF, buf)
-            return c.recv(c.rx0, r, deadline_of(timeout))
-        return c.recv(c.rx_state(), None, deadline_of(timeout))
+        raise Closed("this Receiver was closed")
 
     def try_recv(self):
         """Receive a message if one is queued now, else raise ``Empty``."""
-        c = self._c
-        if c is None:
-            raise Closed("this Receiver was closed")
-        if _get_ident() == c.rx_tid:
-            r = _POP(c.rx_addr)
-            if r >= 0:
-                off = ((r >> 8) & 63) * c.area
-                return c.decode(r & 0xFF, c.scratch[off:off + (r >> 16)])
-            return c.recv(c.rx0, r, None, blocking=False)
-        return c.recv(c.rx_state(), None, None, blocking=False)
+        raise Closed("this Receiver was closed")
 
     def recv_many(self, max_items: int, timeout: float | None = None) -> list:
         """Wait up to ``timeout`` for at least one message, then return up to ``max_items`` queued ones."""
@@ -413,9 +371,10 @@ class Receiver(_Handle):
                 return out
 
     def __iter__(self):
+        recv = self.recv
         while True:
             try:
-                yield self.recv()
+                yield recv()
             except Disconnected:
                 return
 
@@ -424,3 +383,100 @@ class Receiver(_Handle):
         c = self._chan()
         c._maybe_check_peers()
         return not c.registry.has_role(L.ROLE_TX)
+
+
+# --------------------------------------------------------------------------
+# The fast paths. Everything they need is bound in the closure; the common
+# case is one kernel call (push_at / pop_at, ~0.1 us) plus the codec.
+
+def _make_send(c: _Chan, blocking: bool):
+    PUSH, PUSH_SPIN, FULL, SHORT, OFF = _PUSH, _PUSH_SPIN_GIL, _FULL, _SHORT, BYTES_OFF
+    raw, fenc, enc, fast_inline, slow = c.raw, c.fast_encode, c.encode, c.fast_inline, c.send
+
+    if blocking:
+        def send(obj, timeout=None):
+            if timeout is not None and timeout < 0:
+                raise ValueError("timeout must be a non-negative number of seconds (or None)")
+            if raw and type(obj) is bytes:
+                data = obj
+            else:
+                try:
+                    data = fenc(obj)
+                except Exception:
+                    data = enc(obj)             # raises the codec's EncodeError
+            if type(data) is bytes:
+                n = len(data)
+                if n <= fast_inline:
+                    r = PUSH(c.tx_addr, id(data) + OFF, n)
+                    if r == 0:
+                        return
+                    if r == FULL and PUSH_SPIN(c.tx_addr, id(data) + OFF, n, SHORT) == 0:
+                        return
+            slow(obj, data, deadline_of(timeout))
+        send.__doc__ = Sender.send.__doc__
+        return send
+
+    def try_send(obj):
+        if raw and type(obj) is bytes:
+            data = obj
+        else:
+            try:
+                data = fenc(obj)
+            except Exception:
+                data = enc(obj)
+        if type(data) is bytes and len(data) <= fast_inline and PUSH(c.tx_addr, id(data) + OFF, len(data)) == 0:
+            return
+        slow(obj, data, None, blocking=False)
+    try_send.__doc__ = Sender.try_send.__doc__
+    return try_send
+
+
+def _make_recv(c: _Chan, blocking: bool):
+    POP, POP_SPIN, EMPTY, SHORT = _POP, _POP_SPIN_GIL, _EMPTY, _SHORT
+    scratch, area, kind, fdec = c.scratch, c.area, c.kind, c.fast_decode
+    cdec, slow, rx0 = c.codec.decode, c.recv, c.rx0
+    AMASK, LSHIFT = R.AREA_MASK, R.LEN_SHIFT
+
+    if not blocking:
+        def try_recv():
+            r = POP(c.rx_addr)
+            if r >= 0:
+                off = ((r >> 8) & AMASK) * area
+                return c.decode(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
+            return slow(rx0, r, None, blocking=False)
+        try_recv.__doc__ = Receiver.try_recv.__doc__
+        return try_recv
+
+    # One closure per codec, so the common case takes no branch it does not need.
+    if c.raw:
+        def recv(timeout=None):
+            if timeout is not None and timeout < 0:
+                raise ValueError("timeout must be a non-negative number of seconds (or None)")
+            r = POP(c.rx_addr)
+            if r == EMPTY:
+                r = POP_SPIN(c.rx_addr, SHORT)
+            if r >= 0:
+                off = ((r >> 8) & AMASK) * area
+                if (r & 0xFF) == kind:
+                    return scratch[off:off + (r >> LSHIFT)]
+                return cdec(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
+            return slow(rx0, r, deadline_of(timeout))
+    else:
+        def recv(timeout=None):
+            if timeout is not None and timeout < 0:
+                raise ValueError("timeout must be a non-negative number of seconds (or None)")
+            r = POP(c.rx_addr)
+            if r == EMPTY:
+                r = POP_SPIN(c.rx_addr, SHORT)
+            if r >= 0:
+                off = ((r >> 8) & AMASK) * area
+                buf = scratch[off:off + (r >> LSHIFT)]
+                if (r & 0xFF) == kind:
+                    try:
+                        return fdec(buf)
+                    except Exception:
+                        pass                    # decode() raises the codec's DecodeError
+                return cdec(r & 0xFF, buf)
+            return slow(rx0, r, deadline_of(timeout))
+    recv.__doc__ = Receiver.recv.__doc__
+    return recv
