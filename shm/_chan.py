@@ -53,7 +53,8 @@ from __future__ import annotations
 import atexit
 import ctypes
 import mmap
-from itertools import accumulate
+from array import array
+from itertools import accumulate, islice
 import os
 import threading
 import time
@@ -920,52 +921,58 @@ class _Chan:
                         "before the timeout") + f" (rendezvous channel {self.name!r})", message=obj)
 
     def send_many(self, items, deadline) -> None:
-        """Send every item in order, inline ones batched into one kernel call.
+        """Send every item in order; inline ones go ``BATCH`` per kernel call.
 
-        Items are encoded just ahead of sending: if one cannot be encoded,
-        every item before it is sent, then the EncodeError is raised.
+        Each chunk is encoded with C-level ``map`` and pushed as one
+        concatenated buffer with an ``array('q')`` of offsets, so the per-item
+        cost is the codec plus a few C calls. If an item cannot be encoded,
+        every item before it is sent, then the EncodeError is raised. On
+        ``Full``/``Disconnected`` the exception's ``.message`` is the list of
+        items not sent.
         """
-        enc = self.encode
         it = iter(items)
-        window: list = []          # (obj, data) encoded, not yet sent
-        exhausted = False
-        failed = None
+        fenc, raw, inline = self.fast_encode, self.raw, self.inline
         batchable = self.flavor != L.FLAVOR_RENDEZVOUS
         while True:
-            while not exhausted and failed is None and len(window) < BATCH:
-                try:
-                    obj = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                try:
-                    window.append((obj, enc(obj)))
-                except Exception as e:
-                    failed = e
-            if not window:
-                if failed is not None:
-                    raise failed
+            chunk = list(islice(it, BATCH))
+            if not chunk:
                 return
-            k = 0
-            if batchable:
-                while k < len(window) and type(window[k][1]) is bytes and len(window[k][1]) <= self.inline:
-                    k += 1
-            if k > 0:
-                batch = [d for _, d in window[:k]]
-                data = b"".join(batch)
-                offs = np.zeros(k + 1, np.int64)
-                np.cumsum([len(b) for b in batch], out=offs[1:])
-                r = _PUSH_MANY(self.tx_addr, id(data) + BYTES_OFF, len(data), offs.ctypes.data, k)
-                if r > 0:
-                    del window[:r]
-                    continue
-            obj, data = window[0]
+            failed = None
             try:
-                self.send(obj, data, deadline)
-            except (Full, Disconnected) as e:
-                e.message = [o for o, _ in window] + ([] if failed is not None else list(it))
-                raise
-            del window[0]
+                datas = chunk if raw and set(map(type, chunk)) == {bytes} else list(map(fenc, chunk))
+            except Exception:
+                datas = []
+                for obj in chunk:           # find the culprit; send what precedes it
+                    try:
+                        datas.append(self.encode(obj))
+                    except Exception as e:
+                        failed = e
+                        break
+                chunk = chunk[:len(datas)]
+            n = len(datas)
+            lens = list(map(len, datas)) if batchable and n and set(map(type, datas)) == {bytes} else None
+            batch = lens is not None and max(lens) <= inline
+            if batch:
+                data = b"".join(datas)
+                offs = array("q", accumulate(lens, initial=0))
+                src, offs_addr = id(data) + BYTES_OFF, offs.buffer_info()[0]
+            k = 0
+            while k < n:
+                if batch:
+                    # Offsets are absolute into `data`: resuming at item k just
+                    # starts the offsets array k words later.
+                    r = _PUSH_MANY(self.tx_addr, src, len(data), offs_addr + 8 * k, n - k)
+                    if r > 0:
+                        k += r
+                        continue
+                try:        # full (or not batchable): one blocking send, then batch again
+                    self.send(chunk[k], datas[k], deadline)
+                except (Full, Disconnected) as e:
+                    e.message = chunk[k:] + ([] if failed is not None else list(it))
+                    raise
+                k += 1
+            if failed is not None:
+                raise failed
 
     # ------------------------------------------------------------------
     # Receiving.
