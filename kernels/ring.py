@@ -418,11 +418,13 @@ def push_at(daddr, src_addr, n):
 
 
 @jit
-def try_push_many(d, src, offsets, count):
-    """Push messages ``src[offsets[j]:offsets[j+1]]`` for ``j < count`` in order.
+def try_push_many(d, src, lens, count, fixed):
+    """Push ``count`` messages laid out back to back in ``src``, in order.
 
-    Stops at the first that does not fit (full ring, or a payload above the
-    inline capacity). Returns how many were pushed, or a status if none was.
+    Message ``j`` is ``lens[j]`` bytes long, or ``fixed`` bytes if
+    ``fixed >= 0`` (then ``lens`` is not read). Stops at the first that does
+    not fit (full ring, or a payload above the inline capacity). Returns how
+    many were pushed, or a status if none was.
     """
     me = d[D_ME]
     if me < 0:
@@ -435,19 +437,20 @@ def try_push_many(d, src, offsets, count):
     kind = d[D_KIND] << L.META_KIND_SHIFT
     icap = _inline_cap(d)
     done = 0
+    at = 0
     status = OK
     for j in range(count):
-        a = offsets[j]
-        n = offsets[j + 1] - a
-        if n < 0 or n > icap or a < 0 or offsets[j + 1] > src.shape[0]:
+        n = fixed if fixed >= 0 else lens[j]
+        if n < 0 or n > icap or at + n > src.shape[0]:
             status = TOO_BIG
             break
         pos = _claim_push(w, d, me)
         if pos < 0:
             status = pos
             break
-        copy(b, _slot_off(d, pos) + L.SLOT_HEADER, src, a, n)
+        copy(b, _slot_off(d, pos) + L.SLOT_HEADER, src, at, n)
         _publish(w, d, pos, n | kind)
+        at += n
         done += 1
     if done > 0:
         _wake(c, SIDE_RX, done)
@@ -456,11 +459,21 @@ def try_push_many(d, src, offsets, count):
 
 
 @jit("int64(int64, int64, int64, int64, int64)", nogil=False)
-def push_many_at(daddr, src_addr, src_len, off_addr, count):
+def push_many_at(daddr, src_addr, src_len, lens_addr, count):
+    """``try_push_many`` with per-message lengths (an int64 array's address)."""
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    return try_push_many(d, u8_at(src_addr, src_len), i64_at(off_addr, count + 1), count)
+    return try_push_many(d, u8_at(src_addr, src_len), i64_at(lens_addr, count), count, -1)
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def push_many_fixed_at(daddr, src_addr, item_len, count):
+    """``try_push_many`` of ``count`` messages of ``item_len`` bytes each."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    return try_push_many(d, u8_at(src_addr, item_len * count), i64_at(daddr, 1), count, item_len)
 
 
 @jit("int64(int64)", nogil=False)
@@ -750,6 +763,31 @@ def set_slot_word_at(daddr, pos, field_off, value):
         return CLOSED
     A.store(_words(d), (_slot_off(d, pos) + field_off) >> 3, value, "relaxed")
     return OK
+
+
+@jit("int64(int64, int64)", nogil=False)
+def slot_blob_at(daddr, pos):
+    """The claimed slot's blob as ``blob_gen << 8 | log2(capacity)``, 0 if it has none."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    w = _words(d)
+    sw = _slot_off(d, pos) >> 3
+    cap = A.load(w, sw + (L.SL_BLOB_CAP >> 3), "relaxed")
+    if cap <= 0:
+        return 0
+    lg = 0
+    while (1 << lg) < cap and lg < 62:
+        lg += 1
+    return (A.load(w, sw + (L.SL_BLOB_GEN >> 3), "relaxed") << 8) | lg
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def copy_at(dst_addr, src_addr, n):
+    """memcpy ``n`` bytes between two addresses the caller has validated."""
+    if n <= 0:
+        return 0
+    return copy(u8_at(dst_addr, n), 0, u8_at(src_addr, n), 0, n)
 
 
 # --------------------------------------------------------------------------

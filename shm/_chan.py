@@ -52,10 +52,12 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import mmap
 from array import array
 from itertools import accumulate, islice
 import os
+import struct
 import threading
 import time
 import weakref
@@ -94,6 +96,7 @@ def _entry(dispatcher):
 _PUSH = _entry(R.push_at)
 _PUSH_SPIN = _entry(R.push_spin_at)
 _PUSH_MANY = _entry(R.push_many_at)
+_PUSH_MANY_FIXED = _entry(R.push_many_fixed_at)
 _CLAIM = _entry(R.claim_push_at)
 _PUBLISH = _entry(R.publish_at)
 _PUBLISH_INLINE = _entry(R.publish_inline_at)
@@ -112,6 +115,8 @@ _SEAL = _entry(R.seal_at)
 _RECOVER = _entry(R.recover_at)
 _INIT_RING = _entry(R.init_ring_at)
 _TAKEN = _entry(R.rendezvous_taken_at)
+_SLOT_BLOB = _entry(R.slot_blob_at)
+_COPY = _entry(R.copy_at)
 _CANCEL = _entry(R.rendezvous_cancel_at)
 
 
@@ -125,7 +130,7 @@ def _bytes_offset() -> int:
 
 BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes object's data
 
-DEFAULT_SLOT = 256
+DEFAULT_SLOT = 512            # 480 bytes inline: most dict-shaped messages fit
 MAX_SLOT = 1 << 20
 BATCH = 256                   # messages per recv_many kernel call
 SHORT_SPIN = 7                # backoff steps the fast path spins with the GIL (127 pauses, ~3 us)
@@ -137,6 +142,15 @@ BLOB_BUDGET = 256 << 20       # blob bytes a channel keeps for reuse
 
 _OPEN: dict[str, "_Chan"] = {}
 _OPEN_LOCK = threading.RLock()
+
+
+_TWO_WORDS = struct.Struct("<qq")
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_struct(n: int, count: int) -> struct.Struct:
+    """A struct that unpacks ``count`` back-to-back byte strings of ``n`` bytes."""
+    return struct.Struct(f"{n}s" * count)
 
 
 def _round_pow2(n: int) -> int:
@@ -307,6 +321,7 @@ class _Chan:
         self.rx_addr = r0.rx_addr
         self.closed = False
         self._last_check = 0.0
+        self._blob_reads = 0
 
     # ------------------------------------------------------------------
     # Creation and attachment.
@@ -742,13 +757,17 @@ class _Chan:
         """The blob of the claimed slot ``pos``, grown to hold ``n`` bytes."""
         addr = ring.tx_addr
         slot = pos % ring.cap
-        bgen = _SLOT_WORD(addr, pos, L.SL_BLOB_GEN)
-        bcap = _SLOT_WORD(addr, pos, L.SL_BLOB_CAP)
+        info = _SLOT_BLOB(addr, pos)
+        bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
         if bcap >= n:
+            have = self.blobs.get((ring.gen, slot))
             try:
-                return self._blob_seg(ring.gen, slot, bgen)
+                seg = have[1] if have is not None and have[0] == bgen else self._blob_seg(ring.gen, slot, bgen)
             except (SegmentNotFound, CorruptSegment):
-                pass
+                seg = None
+            # The copy goes by address: check against the mapping, never the shared words alone.
+            if seg is not None and seg.params[L.PB_CAPACITY] >= n and L.BLOB_DATA + n <= seg.size:
+                return seg
         # Replace it. The slot's blob_gen always names the only blob that may
         # exist for this slot: unlink it, bump the generation, then create.
         self._unlink_blob(ring.gen, slot, bgen, bcap)
@@ -774,15 +793,16 @@ class _Chan:
         """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure."""
         try:
             seg = self._blob_for_write(ring, pos, n)
-            at = L.BLOB_DATA
-            dst = seg.u8
+            at = seg.addr + L.BLOB_DATA
             for part in parts:
-                if isinstance(part, np.ndarray):
-                    src = part.reshape(-1).view(np.uint8)
+                if type(part) is bytes:
+                    m = len(part)
+                    _COPY(at, id(part) + BYTES_OFF, m)
                 else:
-                    src = np.frombuffer(part, np.uint8)
-                m = src.shape[0]
-                dst[at:at + m] = src
+                    a = part if isinstance(part, np.ndarray) else np.frombuffer(part, np.uint8)
+                    a = a.reshape(-1).view(np.uint8)
+                    m = a.shape[0]
+                    seg.u8[at - seg.addr:at - seg.addr + m] = a
                 at += m
         except BaseException:
             _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
@@ -796,24 +816,37 @@ class _Chan:
         n = meta & L.META_LEN_MASK
         kind = (meta >> L.META_KIND_SHIFT) & 0xFF
         try:
-            bgen = _SLOT_WORD(addr, pos, L.SL_BLOB_GEN)
-            bcap = _SLOT_WORD(addr, pos, L.SL_BLOB_CAP)
+            info = _SLOT_BLOB(addr, pos)
+            bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
             if n > bcap:
                 raise CorruptSegment(f"a message of {n} bytes in a blob of {bcap}")
-            seg = self._blob_seg(ring.gen, slot, bgen)
-            view = memoryview(seg.u8)[L.BLOB_DATA:L.BLOB_DATA + n]
+            have = self.blobs.get((ring.gen, slot))
+            seg = have[1] if have is not None and have[0] == bgen else self._blob_seg(ring.gen, slot, bgen)
+            a, b = L.BLOB_DATA, L.BLOB_DATA + n
+            if kind == self.kind and self.raw:
+                return seg.mm[a:b]                      # one copy, straight into a new bytes
+            view = memoryview(seg.mm)[a:b]
             try:
-                return self.codec.decode(kind, view)
+                return self.codec.decode(kind, view)    # msgpack/pickle/arrays read in place
             finally:
                 view.release()
-                sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)
-                if sealed or W.load(self.ctrl.w, L.CH_BLOB_BYTES >> 3) > BLOB_BUDGET:
-                    _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
-                    self._unlink_blob(ring.gen, slot, bgen, bcap)
         except (SegmentNotFound, CorruptSegment) as e:
             raise DecodeError(f"a large message on channel {self.name!r} was lost: {e}") from None
         finally:
-            _RELEASE(addr, pos)
+            self._blob_reads += 1
+            try:
+                # Keep the blob for the next message through this slot, unless the
+                # ring is sealed (never reused) or the channel holds too much
+                # (checked every 64 reads, and for every blob of 1 MiB or more).
+                if (self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)) or (
+                        (not self._blob_reads & 63 or n >= 1 << 20)
+                        and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
+                    info = _SLOT_BLOB(addr, pos)
+                    if info:
+                        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
+                        self._unlink_blob(ring.gen, slot, info >> 8, 1 << (info & 0xFF))
+            finally:
+                _RELEASE(addr, pos)
 
     # ------------------------------------------------------------------
     # Sending.
@@ -834,6 +867,12 @@ class _Chan:
         self._check_open()
         kind, parts, n = self.parts_of(data)
         rendezvous = self.flavor == L.FLAVOR_RENDEZVOUS
+        if n > self.inline and not rendezvous:
+            ring = self.txr
+            pos = _CLAIM(ring.tx_addr)          # first try: no closures, no waiting machinery
+            if pos >= 0:
+                self._write_blob(ring, pos, kind, parts, n)
+                return
         if n <= self.inline:
             payload = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else \
                 b"".join(p.reshape(-1).view(np.uint8).tobytes() if isinstance(p, np.ndarray) else bytes(p)
@@ -933,6 +972,8 @@ class _Chan:
         it = iter(items)
         fenc, raw, inline = self.fast_encode, self.raw, self.inline
         batchable = self.flavor != L.FLAVOR_RENDEZVOUS
+        # msgpack's and pickle's encoders always return bytes; numpy's may return parts.
+        fenc_may_not_bytes = self.codec.name not in ("msgpack", "pickle")
         while True:
             chunk = list(islice(it, BATCH))
             if not chunk:
@@ -950,18 +991,25 @@ class _Chan:
                         break
                 chunk = chunk[:len(datas)]
             n = len(datas)
-            lens = list(map(len, datas)) if batchable and n and set(map(type, datas)) == {bytes} else None
-            batch = lens is not None and max(lens) <= inline
+            batch = batchable and n > 0 and (not fenc_may_not_bytes or set(map(type, datas)) == {bytes})
+            if batch:
+                lens = list(map(len, datas))
+                fixed = lens[0] if lens.count(lens[0]) == n else -1
+                batch = (fixed if fixed >= 0 else max(lens)) <= inline
             if batch:
                 data = b"".join(datas)
-                offs = array("q", accumulate(lens, initial=0))
-                src, offs_addr = id(data) + BYTES_OFF, offs.buffer_info()[0]
+                src = id(data) + BYTES_OFF
+                if fixed < 0:
+                    lens_arr = np.array(lens, np.int64)
+                    lens_addr = lens_arr.ctypes.data
             k = 0
             while k < n:
                 if batch:
-                    # Offsets are absolute into `data`: resuming at item k just
-                    # starts the offsets array k words later.
-                    r = _PUSH_MANY(self.tx_addr, src, len(data), offs_addr + 8 * k, n - k)
+                    if fixed >= 0:
+                        r = _PUSH_MANY_FIXED(self.tx_addr, src + k * fixed, fixed, n - k)
+                    else:
+                        skip = sum(lens[:k]) if k else 0
+                        r = _PUSH_MANY(self.tx_addr, src + skip, len(data) - skip, lens_addr + 8 * k, n - k)
                     if r > 0:
                         k += r
                         continue
@@ -1063,8 +1111,7 @@ class _Chan:
         return self.codec.decode(kind, buf)
 
     def _decode_blob_area(self, st: _Rx, r):
-        off = (R.BLOB_AREA - r) * self.area
-        pos, meta = (int(x) for x in st.view[off:off + 16].view(np.int64))
+        pos, meta = _TWO_WORDS.unpack_from(st.scratch, (R.BLOB_AREA - r) * self.area)
         return self._read_blob(self.rxr, pos, meta)
 
     def recv_many(self, max_items: int, deadline, blocking=True) -> list:
@@ -1091,30 +1138,38 @@ class _Chan:
 
     def _unbatch(self, st: _Rx, r: int, out: list) -> None:
         """Decode ``r`` messages left back to back in the batch region."""
-        lens = st.lens[:r].tolist()
         at = self.area * R.N_BANKS * R.N_AREAS
         sc = st.scratch
-        kinds = {v >> L.META_KIND_SHIFT for v in lens}
-        if len(kinds) == 1 and self.kind in kinds and (self.raw or self.fast_decode is not None):
-            ends = list(accumulate((v & L.META_LEN_MASK for v in lens), initial=at))
-            if self.raw:
-                out.extend([sc[a:b] for a, b in zip(ends, ends[1:])])
-            elif self.kind == K_MSGPACK:
-                # Messages are whole msgpack objects back to back: one stream.
+        v = st.lens[:r]
+        first = int(v[0])
+        if first >> L.META_KIND_SHIFT == self.kind and (self.raw or self.kind == K_MSGPACK):
+            if (v == first).all():                  # same kind and length: one struct unpack
+                n = first & L.META_LEN_MASK
+                if self.raw:
+                    out.extend(_fixed_struct(n, r).unpack_from(sc, at))
+                    return
+                end = at + n * r
+            elif ((v >> L.META_KIND_SHIFT) == self.kind).all():
+                end = at + int((v & L.META_LEN_MASK).sum())
+                if self.raw:
+                    ends = list(accumulate((v & L.META_LEN_MASK).tolist(), initial=at))
+                    out.extend([sc[a:b] for a, b in zip(ends, ends[1:])])
+                    return
+            else:
+                end = -1
+            if end >= 0:
+                # msgpack: the messages are whole objects back to back, one stream.
                 unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=0)
-                unp.feed(sc[at:ends[-1]])
+                unp.feed(sc[at:end])
                 got = list(unp)
                 if len(got) != r:
                     raise DecodeError(f"a batch on channel {self.name!r} did not decode to {r} messages")
                 out.extend(got)
-            else:
-                dec = self.fast_decode
-                out.extend([dec(sc[a:b]) for a, b in zip(ends, ends[1:])])
-            return
+                return
         dec = self.decode
-        for v in lens:
-            n = v & L.META_LEN_MASK
-            out.append(dec(v >> L.META_KIND_SHIFT, sc[at:at + n]))
+        for x in v.tolist():
+            n = x & L.META_LEN_MASK
+            out.append(dec(x >> L.META_KIND_SHIFT, sc[at:at + n]))
             at += n
 
     # ------------------------------------------------------------------

@@ -146,6 +146,11 @@ class Segment:
     addr: int = 0
     _mm = None
 
+    @property
+    def mm(self) -> mmap.mmap:
+        """The mapping itself (slicing it returns ``bytes``)."""
+        return self._mm
+
     def __init__(self, name: str, mm: mmap.mmap, size: int):
         self.name = name
         self._mm = mm
