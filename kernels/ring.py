@@ -144,18 +144,24 @@ D_POS = 11          # out (try_pop): position of a blob message popped
 D_META = 12         # out (try_pop): its meta word
 D_AREA_SIZE = 14    # pop_at: bytes per receive area (>= inline capacity, >= 16)
 D_BATCH = 15        # pop_many_at: byte offset of the batch region in the receive buffer
-D_BANK_TID = 16     # pop_at: the thread (pthread_self) owning each of N_BANKS banks, 0 if free
-D_BANK_NEXT = 24    # pop_at: each bank's next area
+D_BANKS = 16        # pop_at: address of the bank table (int64[2 * N_BANKS]) shared by every
+                    # descriptor that uses this receive buffer: [tid] * N_BANKS, [next] * N_BANKS
+D_GEN = 17          # the ring generation this descriptor serves
+D_PINS = 18         # blob messages popped through it and not yet released (keeps the ring mapped)
+D_FLAGS = 19        # DF_* below
 D_LEN = 32
 
+DF_WAKE_ALL_TX = 1  # a release wakes every parked sender (rendezvous: "taken" and "room" waiters share a word)
+
 # pop_at copies each message into a *receive area* and returns which; the
-# Python caller then copies it out. Each thread that pops through a
-# descriptor gets a bank of N_AREAS areas of its own (found by
-# pthread_self() in the descriptor's bank table, claimed by CAS on first
-# use), used round robin, so a thread descheduled between the pop and its
-# copy-out (a GIL switch, 5 ms) never finds its area reused by another
-# thread. A thread that finds every bank taken gets NO_BANK and the Python
-# layer gives it a private descriptor.
+# Python caller then copies it out. Each thread that pops into a receive
+# buffer gets a bank of N_AREAS areas of its own (found by pthread_self() in
+# the buffer's bank table, claimed by CAS on first use), used round robin,
+# so a thread descheduled between the pop and its copy-out (a GIL switch,
+# 5 ms) never finds its area reused by another thread. The bank table
+# belongs to the buffer, not to a descriptor: every ring generation's
+# descriptor points at the same one. A thread that finds every bank taken
+# gets NO_BANK and the Python layer gives it a private buffer.
 N_BANKS = 8
 N_AREAS = 64
 AREA_SHIFT = 8      # pop_at success: len << 17 | (bank * N_AREAS + area) << 8 | kind
@@ -285,12 +291,19 @@ def _any_bits(c, word_off, nwords):
 
 @jit(inline="always")
 def has_receivers(c):
-    return _any_bits(c, L.CH_RX_ROLES, L.BITMAP_WORDS) or A.load(c, L.CH_RX_TOKENS >> 3, "acquire") != 0
+    # The token word first: a handle in transit is claimed by setting the
+    # claimant's role bit *then* clearing the token bit, so a token read of 0
+    # implies the role bit is already visible to the bitmap read that follows.
+    if A.load(c, L.CH_RX_TOKENS >> 3, "seq_cst") != 0:
+        return True
+    return _any_bits(c, L.CH_RX_ROLES, L.BITMAP_WORDS)
 
 
 @jit(inline="always")
 def has_senders(c):
-    return _any_bits(c, L.CH_TX_ROLES, L.BITMAP_WORDS) or A.load(c, L.CH_TX_TOKENS >> 3, "acquire") != 0
+    if A.load(c, L.CH_TX_TOKENS >> 3, "seq_cst") != 0:
+        return True
+    return _any_bits(c, L.CH_TX_ROLES, L.BITMAP_WORDS)
 
 
 @jit(inline="always")
@@ -311,17 +324,34 @@ def _wake(c, side, n):
     bit. Either we see its bit, or it sees what we published before this call.
     """
     A.fence("seq_cst")
-    _wake_sc(c, side, n)
-
-
-@jit(inline="always")
-def _wake_sc(c, side, n):
-    """``_wake`` right after a seq_cst store (which orders like the fence, for less:
-    an ``xchg`` instead of a ``mov`` plus an ``mfence`` on x86)."""
     acc = 0
     base = _waiters_off(side) >> 3
     for k in range(L.BITMAP_WORDS):
         acc |= A.load(c, base + k, "relaxed")
+    if acc != 0:
+        w = _seq_w(side)
+        A.fetch_add(c, w, 1, "seq_cst")
+        futex_wake(c, w, n)
+
+
+@jit(inline="always")
+def _tx_wakes(d, n):
+    return (1 << 30) if d[D_FLAGS] & DF_WAKE_ALL_TX else n
+
+
+@jit(inline="always")
+def _wake_sc(c, side, n):
+    """``_wake`` right after a seq_cst store.
+
+    The store and these seq_cst loads order like the fence would (a seq_cst
+    load after a seq_cst store is ordered; a relaxed one is not, and on ARM
+    would let the load pass the store and miss a waiter's bit). On x86 that
+    is an ``xchg`` and plain loads instead of ``mov`` + ``mfence``.
+    """
+    acc = 0
+    base = _waiters_off(side) >> 3
+    for k in range(L.BITMAP_WORDS):
+        acc |= A.load(c, base + k, "seq_cst")
     if acc != 0:
         w = _seq_w(side)
         A.fetch_add(c, w, 1, "seq_cst")
@@ -601,7 +631,7 @@ def _pop_one(d, dst, aux):
         flags = (meta >> L.META_FLAGS_SHIFT) & 0xFF
         if flags & L.FLAG_TOMB:
             _release(w, d, pos)
-            _wake_sc(_ctrl(d), SIDE_TX, 1)
+            _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
             continue
         if flags & L.FLAG_BLOB:
             A.store(aux, 0, pos, "relaxed")
@@ -610,7 +640,7 @@ def _pop_one(d, dst, aux):
         n = meta & L.META_LEN_MASK
         r = copy(dst, 0, b, off + L.SLOT_HEADER, n) if n <= _inline_cap(d) else -1
         _release(w, d, pos)
-        _wake_sc(_ctrl(d), SIDE_TX, 1)
+        _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
         if r < 0:
             return CORRUPT
         return (n << 8) | ((meta >> L.META_KIND_SHIFT) & 0xFF)
@@ -630,32 +660,37 @@ def try_pop(d, dst):
 
 
 @jit(inline="always")
-def _bank(d):
-    """This thread's bank of receive areas in ``d``, claiming a free one if needed; -1 if none."""
+def _bank(banks):
+    """This thread's bank in the table ``banks``, claiming a free one if needed; -1 if none."""
     tid = thread_id()
     for b in range(N_BANKS):
-        if A.load(d, D_BANK_TID + b, "relaxed") == tid:
+        if A.load(banks, b, "relaxed") == tid:
             return b
     for b in range(N_BANKS):
-        if A.load(d, D_BANK_TID + b, "relaxed") == 0 and A.cas(d, D_BANK_TID + b, 0, tid, "relaxed") == 0:
+        if A.load(banks, b, "relaxed") == 0 and A.cas(banks, b, 0, tid, "relaxed") == 0:
             return b
     return -1
 
 
 @jit(inline="always")
 def _pop_area(d):
-    b = _bank(d)
+    banks = i64_at(d[D_BANKS], 2 * N_BANKS)
+    b = _bank(banks)
     if b < 0:
         return NO_BANK
     # Only this thread uses its bank's counter: no atomic RMW needed.
-    k = A.load(d, D_BANK_NEXT + b, "relaxed")
-    A.store(d, D_BANK_NEXT + b, (k + 1) & (N_AREAS - 1), "relaxed")
+    k = A.load(banks, N_BANKS + b, "relaxed")
+    A.store(banks, N_BANKS + b, (k + 1) & (N_AREAS - 1), "relaxed")
     area = b * N_AREAS + k
     at = d[D_DST] + area * d[D_AREA_SIZE]
-    r = _pop_one(d, u8_at(at, d[D_AREA_SIZE]), i64_at(at, 2))
+    r = _pop_one(d, u8_at(at, d[D_AREA_SIZE]), i64_at(at, 3))
     if r >= 0:
         return ((r >> 8) << LEN_SHIFT) | (area << AREA_SHIFT) | (r & 0xFF)
     if r == BLOB:
+        # The area says which message (pos, meta) and which ring generation;
+        # the pin keeps that ring mapped in this process until the release.
+        A.store(i64_at(at, 3), 2, d[D_GEN], "relaxed")
+        A.fetch_add(d, D_PINS, 1, "relaxed")
         return BLOB_AREA - area
     return r
 
@@ -689,6 +724,7 @@ def try_pop_many(d, dst, lens, maxn):
     b = _bytes(d)
     icap = _inline_cap(d)
     got = 0
+    freed = 0
     at = 0
     status = OK
     while got < maxn and at + icap <= dst.shape[0] and got < lens.shape[0]:
@@ -702,6 +738,7 @@ def try_pop_many(d, dst, lens, maxn):
         n = meta & L.META_LEN_MASK
         if flags & L.FLAG_TOMB:
             _release(w, d, pos)
+            freed += 1
             continue
         if n > icap:
             _release(w, d, pos)
@@ -712,8 +749,9 @@ def try_pop_many(d, dst, lens, maxn):
         A.store(lens, got, n | (((meta >> L.META_KIND_SHIFT) & 0xFF) << L.META_KIND_SHIFT), "relaxed")
         at += n
         got += 1
+    if got + freed > 0:
+        _wake(_ctrl(d), SIDE_TX, _tx_wakes(d, got + freed))
     if got > 0:
-        _wake(_ctrl(d), SIDE_TX, got)
         return got
     if status == OK:
         status = EMPTY
@@ -741,8 +779,15 @@ def release_at(daddr, pos):
     if A.load(w, sw, "relaxed") != stamp(pos, d[D_ME], READING):
         return CORRUPT
     _release(w, d, pos)
-    _wake(_ctrl(d), SIDE_TX, 1)
+    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
     return OK
+
+
+@jit("int64(int64)", nogil=False)
+def unpin_at(daddr):
+    """A blob message popped through this descriptor was released (or given up)."""
+    d = i64_at(daddr, D_LEN)
+    return A.fetch_add(d, D_PINS, -1, "relaxed") - 1
 
 
 # --------------------------------------------------------------------------
@@ -1010,14 +1055,18 @@ def recover_at(daddr, dead):
     """Move every slot held by the dead participant ``dead`` forward.
 
     The caller must have proved ``dead`` dead and own its reaping
-    (``shm/_registry.py``), and be registered itself (``d[D_ME]``).
+    (``shm/_registry.py``): the entry stays REAPING, under the caller's
+    exclusive ownership, until this returns, so slots are taken over *in the
+    dead participant's own name* (no other process can act in it, and a
+    reaper killed half-way leaves them attributed to an entry the next
+    reaper recovers again). The caller need not be registered itself.
     Returns ``tombstones | dropped << 32``.
     """
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
     w = _words(d)
-    me = d[D_ME]
+    me = dead
     cap = d[D_CAP]
     tw = _tail_w(d)
     hw = _head_w(d)
@@ -1108,5 +1157,5 @@ def rendezvous_cancel_at(daddr, pos):
         return 0
     A.cas(w, _head_w(d), pos, pos + 1, "relaxed")
     _release(w, d, pos)
-    _wake(_ctrl(d), SIDE_TX, 1)
+    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
     return 1

@@ -74,7 +74,7 @@ import msgpack
 
 from .codec import K_MSGPACK, get_codec
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, Full,
-                     MessageTooLarge, SegmentExists, SegmentNotFound, ShmError)
+                     IncompatibleSegment, SegmentExists, SegmentNotFound, ShmError)
 from .segment import Segment, check_name, new_name, unlink_name
 
 __all__ = ["_Chan", "close_all"]
@@ -117,6 +117,7 @@ _INIT_RING = _entry(R.init_ring_at)
 _TAKEN = _entry(R.rendezvous_taken_at)
 _SLOT_BLOB = _entry(R.slot_blob_at)
 _COPY = _entry(R.copy_at)
+_UNPIN = _entry(R.unpin_at)
 _CANCEL = _entry(R.rendezvous_cancel_at)
 
 
@@ -144,7 +145,7 @@ _OPEN: dict[str, "_Chan"] = {}
 _OPEN_LOCK = threading.RLock()
 
 
-_TWO_WORDS = struct.Struct("<qq")
+_THREE_WORDS = struct.Struct("<qqq")
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,6 +189,8 @@ class _Ring:
             d[R.D_CTRL] = chan.ctrl.addr
             d[R.D_CTRL_SIZE] = chan.ctrl.size
             d[R.D_KIND] = chan.codec.kind
+            d[R.D_GEN] = gen
+            d[R.D_FLAGS] = R.DF_WAKE_ALL_TX if chan.flavor == L.FLAVOR_RENDEZVOUS else 0
         chan.rx0.fill(self.drx)
         self.rx_extra: list[np.ndarray] = []     # other threads' receive descriptors (_Rx)
         self.tx_addr = self.dtx.ctypes.data
@@ -199,6 +202,14 @@ class _Ring:
         else:
             for d in [self.drx] + self.rx_extra:
                 d[R.D_ME] = me
+
+    def invalidate_tx_rx_me(self) -> None:
+        for d in [self.dtx, self.drx] + self.rx_extra:
+            d[R.D_ME] = -1
+
+    def pinned(self) -> bool:
+        """Whether a blob message popped from this ring is still being read in this process."""
+        return any(d[R.D_PINS] for d in [self.drx] + self.rx_extra)
 
     def invalidate(self) -> None:
         for d in [self.dtx, self.drx] + self.rx_extra:
@@ -232,6 +243,10 @@ class _Rx:
         self.scratch_addr = self.view.ctypes.data
         self.lens = np.zeros(BATCH, np.int64)
         self.lens_addr = self.lens.ctypes.data
+        # One bank table per buffer, shared by the descriptors of every ring
+        # generation that pop into it (each would otherwise hand bank 0 to a
+        # different thread, and two threads would share areas).
+        self.banks = np.zeros(2 * R.N_BANKS, np.int64)
         self.descs: dict[int, tuple[np.ndarray, int]] = {}
 
     def fill(self, d: np.ndarray) -> None:
@@ -239,8 +254,8 @@ class _Rx:
         d[R.D_DST_SIZE] = self.scratch_size
         d[R.D_AREA_SIZE] = self.area
         d[R.D_BATCH] = self.area * R.N_BANKS * R.N_AREAS
-        d[R.D_BANK_TID:R.D_BANK_TID + R.N_BANKS] = 0
-        d[R.D_BANK_NEXT:R.D_BANK_NEXT + R.N_BANKS] = 0
+        d[R.D_BANKS] = self.banks.ctypes.data
+        d[R.D_PINS] = 0
 
     def addr(self, ring: _Ring) -> int:
         """This thread's descriptor address on ``ring``."""
@@ -399,7 +414,7 @@ class _Chan:
     def _register(self) -> None:
         """Claim a participant entry, refusing a channel that is being unlinked."""
         reg = self.registry
-        self.me = reg.register()
+        self.me = reg.register(on_reap=self._recover)
         deadline = time.monotonic() + 5.0
         while True:
             st = self.ctrl.state
@@ -426,8 +441,10 @@ class _Chan:
                 self._reset_registration()
                 self._register()
             self.counts[role] += 1
-            if self.counts[role] == 1:
-                self.registry.set_role(self.me, role)
+            # Always (idempotent): the count can be above zero with the bit
+            # clear, when it counts handles inherited across fork that this
+            # child was not given (settle_inherited released their role).
+            self.registry.set_role(self.me, role)
             self._confirm(role)
 
     def release_role(self, role: int) -> None:
@@ -507,9 +524,9 @@ class _Chan:
         self.rx_states = {}
         self.waiting = [0, 0]
         self.inflight = 0
+        self.rx0.banks[:] = 0               # the threads that held banks are not here
         for ring in self.rings.values():
             ring.busy = 0
-            ring.drx[R.D_BANK_TID:R.D_BANK_TID + R.N_BANKS] = 0    # those threads are not here
             ring.rx_extra.clear()
         self._reset_registration()
         inherited = {r for r in (L.ROLE_TX, L.ROLE_RX) if self.counts[r] > 0}
@@ -563,7 +580,7 @@ class _Chan:
         return f"{self.family}r{gen:x}"
 
     def ring(self, gen: int) -> _Ring | None:
-        """Generation ``gen``, mapped (None if it does not exist)."""
+        """Generation ``gen``, mapped (None if it does not exist, or is still being made)."""
         r = self.rings.get(gen)
         if r is not None:
             return r
@@ -587,24 +604,48 @@ class _Chan:
     def _gen_cap(self, gen: int) -> int:
         return min(RING0_UNBOUNDED << gen, max(RING0_UNBOUNDED, MAX_RING_BYTES // self.slot))
 
-    def _make_ring(self, gen: int) -> _Ring:
-        """Ensure generation ``gen`` exists (one creator at a time) and map it."""
+    def _retired(self, gen: int) -> bool:
+        return W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3) > gen
+
+    def _make_ring(self, gen: int) -> _Ring | None:
+        """Ensure generation ``gen`` exists and map it; None if it was already retired.
+
+        One creator at a time, elected by CAS on the control block's ``grow``
+        word (``gen << 32 | creator pid``; a dead creator's claim is taken
+        over). A segment a dead creator left half-made is unlinked and made
+        again by the new creator. A generation is never re-created once
+        consumers have retired it (``head_gen`` is past it): callers re-read
+        the generation counters instead.
+        """
         grow_w = L.CH_GROW >> 3
-        want = (gen << 16) | (self.me + 1)
+        want = (gen << 32) | os.getpid()
         while True:
-            r = self.ring(gen)
+            try:
+                r = self.ring(gen)
+            except (CorruptSegment, IncompatibleSegment):
+                r = None
+                broken = True           # half-made: its creator died, or is still writing it
+            else:
+                broken = False
             if r is not None:
                 return r
-            prev = self.ring(gen - 1)
+            if self._retired(gen):
+                return None
+            prev = self.ring(gen - 1) if gen > 0 else None
             if prev is None or not _COUNTER(prev.tx_addr, 2):
+                if self._retired(gen - 1):
+                    continue            # the previous one was retired meanwhile; ours exists now
                 raise CorruptSegment(f"channel {self.name!r}: generation {gen - 1} is missing or not sealed")
             base = _COUNTER(prev.tx_addr, 0)
             cur = W.load(self.ctrl.w, grow_w)
-            owner = (cur & 0xFFFF) - 1
-            if cur == 0 or (cur >> 16) < gen or not self._participant_alive(owner):
+            if cur == 0 or (cur >> 32) < gen or not _liveness.pid_alive(cur & 0xFFFFFFFF):
                 if W.cas(self.ctrl.w, grow_w, cur, want) != cur:
                     continue
                 try:
+                    if broken or self._retired(gen):
+                        if self._retired(gen):
+                            return None
+                        unlink_name(self._ring_name(gen))
                     self._create_ring(gen, base)
                 finally:
                     W.cas(self.ctrl.w, grow_w, want, 0)
@@ -635,39 +676,52 @@ class _Chan:
                 try:
                     Segment.attach(name, kind=L.KIND_RING).close()
                     return      # made by an earlier creator after all
-                except (CorruptSegment, SegmentNotFound):
+                except (CorruptSegment, IncompatibleSegment, SegmentNotFound):
                     unlink_name(name)   # half-made by a creator that died; we hold `grow`
 
-    def _participant_alive(self, idx: int) -> bool:
-        if not 0 <= idx < L.MAX_PARTICIPANTS:
-            return False
-        s, pid, start, ns = self.registry.entry(idx)
-        return (s & L.PS_CODE_MASK) == L.PS_ALIVE and _liveness.alive(pid, start, ns)
-
     def refresh_tx(self) -> None:
+        """Point our sends at the current tail generation."""
         with self.lock:
-            g = W.load(self.ctrl.w, L.CH_TAIL_GEN >> 3)
-            if g != self.txr.gen:
+            while True:
+                g = W.load(self.ctrl.w, L.CH_TAIL_GEN >> 3)
+                hg = W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3)
+                if g < hg:
+                    # The tail was left behind a generation consumers already
+                    # retired (its producer died between sealing and publishing
+                    # the next one): catch it up.
+                    W.cas(self.ctrl.w, L.CH_TAIL_GEN >> 3, g, hg)
+                    continue
+                if g == self.txr.gen:
+                    return
                 r = self._make_ring(g) if g > 0 else self.rings[0]
+                if r is None:
+                    continue
                 self.txr = r
                 self.tx_addr = r.tx_addr
                 self._drop_old_rings()
+                return
 
     def refresh_rx(self) -> None:
+        """Point our receives at the current head generation."""
         with self.lock:
-            g = W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3)
-            if g != self.rxr.gen:
+            while True:
+                g = W.load(self.ctrl.w, L.CH_HEAD_GEN >> 3)
+                if g == self.rxr.gen:
+                    return
                 r = self._make_ring(g) if g > 0 else self.rings[0]
+                if r is None:
+                    continue
                 self.rxr = r
                 self.rx_addr = r.rx_addr
                 self._drop_old_rings()
+                return
 
     def _drop_old_rings(self) -> None:
         below = min(self.txr.gen, self.rxr.gen)
         for gen in [g for g in self.rings if 0 < g < below]:
             ring = self.rings[gen]
-            if ring.busy:
-                continue        # a spinning or parked thread still uses it
+            if ring.busy or ring.pinned():
+                continue        # a spinning or parked thread, or a blob being read, still uses it
             del self.rings[gen]
             ring.unmap()
             with self.blob_lock:
@@ -684,11 +738,8 @@ class _Chan:
     def on_sealed_tx(self, ring: _Ring) -> None:
         """``ring`` is sealed: make the next generation and publish it as the tail."""
         with self.lock:
-            if not _COUNTER(ring.tx_addr, 2):
-                self.refresh_tx()
-                return
-            self._make_ring(ring.gen + 1)
-            W.cas(self.ctrl.w, L.CH_TAIL_GEN >> 3, ring.gen, ring.gen + 1)
+            if _COUNTER(ring.tx_addr, 2) and self._make_ring(ring.gen + 1) is not None:
+                W.cas(self.ctrl.w, L.CH_TAIL_GEN >> 3, ring.gen, ring.gen + 1)
             self.refresh_tx()
 
     def on_sealed_rx(self, ring: _Ring) -> None:
@@ -696,9 +747,10 @@ class _Chan:
         with self.lock:
             sealed = _COUNTER(ring.rx_addr, 2)
             drained = _COUNTER(ring.rx_addr, 1) >= _COUNTER(ring.rx_addr, 0)
-            if sealed and drained:
-                self._make_ring(ring.gen + 1)
+            if sealed and drained and self._make_ring(ring.gen + 1) is not None:
                 if W.cas(self.ctrl.w, L.CH_HEAD_GEN >> 3, ring.gen, ring.gen + 1) == ring.gen:
+                    # Never leave tail_gen pointing at what we are about to unlink.
+                    W.cas(self.ctrl.w, L.CH_TAIL_GEN >> 3, ring.gen, ring.gen + 1)
                     self._retire_ring(ring)
             self.refresh_rx()
 
@@ -790,8 +842,15 @@ class _Chan:
         return seg
 
     def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int) -> None:
-        """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure."""
+        """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure.
+
+        Counted as in flight (close() waits for it before unmapping) since
+        the copy writes to the blob by address.
+        """
+        self.inflight += 1
         try:
+            if self.closed:
+                raise Closed(f"channel {self.name!r} was closed in this process")
             seg = self._blob_for_write(ring, pos, n)
             at = seg.addr + L.BLOB_DATA
             for part in parts:
@@ -807,7 +866,11 @@ class _Chan:
         except BaseException:
             _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
             raise
-        _PUBLISH(ring.tx_addr, pos, n, kind, L.FLAG_BLOB)
+        finally:
+            self.inflight -= 1
+        if _PUBLISH(ring.tx_addr, pos, n, kind, L.FLAG_BLOB) != R.OK:
+            raise Closed(f"channel {self.name!r} was closed while this message was being sent; "
+                         "it was not sent")
 
     def _read_blob(self, ring: _Ring, pos: int, meta: int):
         """Decode the blob message of the claimed slot ``pos``, then release the slot."""
@@ -880,9 +943,9 @@ class _Chan:
             src = id(payload) + BYTES_OFF
 
             def write(ring, pos):
-                r = _PUBLISH_INLINE(ring.tx_addr, pos, src, n, kind)
-                if r != R.OK:
-                    raise CorruptSegment(f"channel {self.name!r}: publishing a claimed slot failed")
+                if _PUBLISH_INLINE(ring.tx_addr, pos, src, n, kind) != R.OK:
+                    raise Closed(f"channel {self.name!r} was closed while this message was being "
+                                 "sent; it was not sent")
         else:
             def write(ring, pos):
                 self._write_blob(ring, pos, kind, parts, n)
@@ -1111,8 +1174,16 @@ class _Chan:
         return self.codec.decode(kind, buf)
 
     def _decode_blob_area(self, st: _Rx, r):
-        pos, meta = _TWO_WORDS.unpack_from(st.scratch, (R.BLOB_AREA - r) * self.area)
-        return self._read_blob(self.rxr, pos, meta)
+        pos, meta, gen = _THREE_WORDS.unpack_from(st.scratch, (R.BLOB_AREA - r) * self.area)
+        # The ring it came from, not self.rxr (another thread may have moved on);
+        # pop_at pinned it, so it is still mapped here.
+        ring = self.rings.get(gen) or self.ring(gen)
+        if ring is None:
+            raise DecodeError(f"a large message on channel {self.name!r} was lost: its ring is gone")
+        try:
+            return self._read_blob(ring, pos, meta)
+        finally:
+            _UNPIN(st.addr(ring))
 
     def recv_many(self, max_items: int, deadline, blocking=True) -> list:
         """Up to ``max_items`` messages: waits for the first, then takes what is queued."""
@@ -1231,15 +1302,13 @@ class _Chan:
             tg = W.load(self.ctrl.w, L.CH_TAIL_GEN >> 3)
             gens |= set(range(hg, tg + 1))
         for gen in sorted(gens):
-            ring = self.ring(gen)
+            try:
+                ring = self.ring(gen)
+            except ShmError:
+                continue
             if ring is None:
                 continue
-            saved = int(ring.dtx[R.D_ME])
-            ring.dtx[R.D_ME] = self.me     # recover_at takes slots over in our name
-            try:
-                r = self.nogil(ring, _RECOVER, ring.tx_addr, dead)
-            finally:
-                ring.dtx[R.D_ME] = saved
+            r = self.nogil(ring, _RECOVER, ring.tx_addr, dead)
             if r < 0:
                 continue
             tombs, dropped = r & 0xFFFFFFFF, r >> 32
@@ -1292,12 +1361,24 @@ class _Chan:
                 reg.sweep(on_reap=self._recover, skip=self.me)
             except ShmError:
                 pass
+            # From here other threads of ours get Closed: their kernel calls
+            # see D_ME = -1 (UNREGISTERED) and the slow path finds us closed.
+            self.closed = True
+            for ring in self.rings.values():
+                ring.invalidate_tx_rx_me()
+            self._wait_inflight()
+            # A slot another thread of ours claimed and never published or
+            # released (it was interrupted, or raced this close) would
+            # otherwise stay attributed to an index nobody will ever reap.
+            for ring in list(self.rings.values()):
+                _RECOVER(ring.tx_addr, self.me)
             for side in (0, 1):
                 reg.clear_waiting(self.me, side)
             reg.unregister(self.me)
             last = self._last_out()
         self.me = -1
-        self.wake_all()
+        for side in (R.SIDE_RX, R.SIDE_TX):     # the other side re-checks who is left
+            _WAKE(self.rings[0].rx_addr, side, 1 << 30)
         self.closed = True
         if last:
             self._destroy()
@@ -1332,14 +1413,18 @@ class _Chan:
         unlink_family(self.family)
         unlink_name(self.name)
 
-    def _unmap(self) -> None:
-        """Unmap everything once no GIL-free kernel call of ours is running."""
-        for ring in self.rings.values():
-            ring.invalidate()
-        deadline = time.monotonic() + 2.0
+    def _wait_inflight(self, timeout: float = 2.0) -> bool:
+        deadline = time.monotonic() + timeout
         while self.inflight and time.monotonic() < deadline:
             time.sleep(0.001)
-        if self.inflight:
+        return not self.inflight
+
+    def _unmap(self) -> None:
+        """Unmap everything once no GIL-free kernel call or raw copy of ours is running."""
+        self.closed = True
+        for ring in self.rings.values():
+            ring.invalidate()
+        if not self._wait_inflight():
             return      # a thread is stuck in a kernel: leave the mappings to the garbage collector
         with self.blob_lock:
             blobs, self.blobs = self.blobs, {}

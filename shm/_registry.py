@@ -126,14 +126,19 @@ class Registry:
         w = self.seg.w
         return s, int(w[base + (L.PT_PID >> 3)]), int(w[base + (L.PT_START >> 3)]), int(w[base + (L.PT_PIDNS >> 3)])
 
-    def register(self) -> int:
-        """Claim an entry for this process; returns its index."""
+    def register(self, on_reap=None) -> int:
+        """Claim an entry for this process; returns its index.
+
+        If the table is full, dead participants are reaped first, with
+        ``on_reap`` recovering what they held: an entry must never be freed
+        (and reused) while ring slots still carry its index.
+        """
         for attempt in range(2):
             idx = self._claim()
             if idx >= 0:
                 return idx
             if attempt == 0:
-                self.sweep()
+                self.sweep(on_reap=on_reap, recover_required=True)
         raise TooManyParticipants(
             f"all {L.MAX_PARTICIPANTS} participant slots of {self.seg.name!r} are held by live processes")
 
@@ -332,11 +337,13 @@ class Registry:
         _, pid, start, ns = self.entry(idx)
         return not _liveness.alive(pid, start, ns)
 
-    def sweep(self, on_reap=None, skip: int = -1) -> int:
+    def sweep(self, on_reap=None, skip: int = -1, recover_required: bool = False) -> int:
         """Reap every dead participant; returns how many were reaped.
 
         ``on_reap(idx)`` recovers what ``idx`` held (ring slots, locks); it
-        runs while this process owns the entry's REAPING state.
+        runs while this process owns the entry's REAPING state. Without it
+        (``recover_required`` false) only entries that never held anything
+        (CLAIMING) may be freed.
         """
         reaped = 0
         ident = _liveness.me()
@@ -347,6 +354,8 @@ class Registry:
             s = self.state(idx)
             if not self._dead(idx, s):
                 continue
+            if on_reap is None and _code(s) != L.PS_CLAIMING:
+                continue            # it may hold slots: only a sweep that can recover them frees it
             reaping = _state(_inc(s), ident.pid, L.PS_REAPING)
             if W.cas(w, self._sw(idx), s, reaping) != s:
                 continue

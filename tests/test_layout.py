@@ -160,7 +160,8 @@ CONSTANTS = {
     "CH_": (L.CHANNEL, L.CH_BASE, {
         "RX_SEQ": "rx_seq", "RX_WAITERS": "rx_waiters", "TX_SEQ": "tx_seq", "TX_WAITERS": "tx_waiters",
         "TX_ROLES": "tx_roles", "RX_ROLES": "rx_roles", "TX_TOKENS": "tx_tokens", "RX_TOKENS": "rx_tokens",
-        "TAIL_GEN": "tail_gen", "HEAD_GEN": "head_gen", "GROW": "grow", "BLOB_BYTES": "blob_bytes",
+        "TAIL_GEN": "tail_gen", "HEAD_GEN": "head_gen", "GROW": "grow", "TASKS": "tasks",
+        "BLOB_BYTES": "blob_bytes",
         "BLOB_SEGMENTS": "blob_segments", "TOMBSTONES": "tombstones", "DROPPED": "dropped",
         "REAPED": "reaped"}),
     "PT_": (L.PARTICIPANT, 0, {"STATE": "state", "PID": "pid", "START": "start", "PIDNS": "pidns",
