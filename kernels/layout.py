@@ -42,7 +42,9 @@ KIND_CHANNEL = 1
 KIND_RING = 2
 KIND_BLOB = 3
 KIND_DICT = 4
-KIND_NAMES = {KIND_CHANNEL: "channel", KIND_RING: "ring", KIND_BLOB: "blob", KIND_DICT: "dict"}
+KIND_SHARD = 5
+KIND_NAMES = {KIND_CHANNEL: "channel", KIND_RING: "ring", KIND_BLOB: "blob", KIND_DICT: "dict",
+              KIND_SHARD: "dict shard"}
 
 MAX_PARTICIPANTS = 256          # one byte of owner index in a slot stamp
 BITMAP_WORDS = MAX_PARTICIPANTS // 64
@@ -322,3 +324,131 @@ def ring_layout(ring_cap: int, slot: int) -> dict:
     """Offsets and total size of a ring-generation segment."""
     ring = _round_up(SEG_HEADER, CACHE_LINE)
     return {"ring": ring, "size": ring + RING_HEADER + ring_cap * slot}
+
+
+# --------------------------------------------------------------------------
+# The shared dict (kernels/hashtable.py, shm/dict.py).
+#
+# A KIND_DICT control segment: header; the control block (``DICT``); the
+# participant and token tables; the shard table (``SHARD_ENTRY`` per shard:
+# its robust lock and its current generation); the announce table (one
+# line per participant: which shard generation it is incrementing in
+# lock-free right now). Each shard's data is a KIND_SHARD segment per
+# generation: ``SHARD`` header, the index (``nslots`` one-word entries),
+# then the record heap.
+
+# Dict parameters (P0..P7 of a KIND_DICT segment).
+PD_SHARDS = 0         # number of shards (a power of two)
+PD_CODEC = 1
+PD_KEY_TYPE = 2       # 0 any, 1 int64 (numeric mode)
+PD_VALUE_TYPE = 3     # 0 any, 1 int64, 2 float64 (numeric mode)
+PD_PARTICIPANTS = 4
+PD_TOKENS = 5
+PD_TABLE = 6          # byte offset of the shard table
+PD_ANNOUNCE = 7       # byte offset of the announce table
+
+DICT = Layout("dict", [
+    Field("roles", 8 * BITMAP_WORDS, atomic=True),      # participants with the dict open
+    Field("roles2", 8 * BITMAP_WORDS, atomic=True),     # (unused: the registry's second role)
+    Field("tokens", 8, atomic=True),
+    Field("tokens2", 8, atomic=True),
+    Field("waiters", 8 * BITMAP_WORDS, atomic=True),
+    Field("waiters2", 8 * BITMAP_WORDS, atomic=True),
+    Field("growths", 8, atomic=True, align=CACHE_LINE),  # shard generations made (growth, compaction)
+    Field("repairs", 8, atomic=True),                    # shards recovered from a dead lock holder
+    Field("reaped", 8, atomic=True),
+], align=CACHE_LINE)
+
+DC_BASE = SEG_HEADER
+DC_ROLES = DC_BASE + DICT["roles"]
+DC_ROLES2 = DC_BASE + DICT["roles2"]
+DC_TOKENS = DC_BASE + DICT["tokens"]
+DC_TOKENS2 = DC_BASE + DICT["tokens2"]
+DC_WAITERS = DC_BASE + DICT["waiters"]
+DC_WAITERS2 = DC_BASE + DICT["waiters2"]
+DC_GROWTHS = DC_BASE + DICT["growths"]
+DC_REPAIRS = DC_BASE + DICT["repairs"]
+DC_REAPED = DC_BASE + DICT["reaped"]
+DC_END = DC_BASE + DICT.size
+
+SHARD_ENTRY = Layout("shard_entry", [
+    # lock = 0 when free, else (owner participant + 1) | LOCK_WAITERS when a
+    # waiter is parked on the word (a futex).
+    Field("lock", 8, atomic=True),
+    Field("gen", 8, atomic=True),          # current generation of the shard's segment
+    Field("lock_waits", 8, atomic=True),   # acquisitions that had to wait
+    Field("growths", 8, atomic=True),
+], size=CACHE_LINE)
+SE_LOCK = SHARD_ENTRY["lock"]
+SE_GEN = SHARD_ENTRY["gen"]
+SE_LOCK_WAITS = SHARD_ENTRY["lock_waits"]
+SE_GROWTHS = SHARD_ENTRY["growths"]
+SE_SIZE = SHARD_ENTRY.size
+LOCK_WAITERS = 1 << 16
+LOCK_OWNER_MASK = 0xFFFF
+
+ANNOUNCE_SIZE = 64     # one line per participant: (shard + 1) << 32 | generation, 0 when idle
+
+# Shard generation parameters (P0..P7 of a KIND_SHARD segment).
+PS_SHARD = 0
+PS_GEN = 1
+PS_NSLOTS = 2          # index entries (a power of two)
+PS_INDEX = 3           # byte offset of the index
+PS_HEAP = 4            # byte offset of the heap
+PS_HEAP_SIZE = 5       # heap bytes
+
+SHARD = Layout("shard", [
+    # 0 live; 1 being compacted (lock-free incr must go through the lock);
+    # 2 replaced by a newer generation (readers move to it).
+    Field("state", 8, atomic=True, hot=True),
+    Field("bump", 8, atomic=True, align=CACHE_LINE),   # heap bytes allocated (records are never moved)
+    Field("count", 8, atomic=True),                    # live keys
+    Field("tombs", 8, atomic=True),                    # tombstones in the index
+    Field("garbage", 8, atomic=True),                  # heap bytes of replaced or deleted records
+], align=CACHE_LINE)
+SH_BASE = _round_up(SEG_HEADER, CACHE_LINE)      # the shard header follows the segment header
+SH_STATE = SH_BASE + SHARD["state"]
+SH_BUMP = SH_BASE + SHARD["bump"]
+SH_COUNT = SH_BASE + SHARD["count"]
+SH_TOMBS = SH_BASE + SHARD["tombs"]
+SH_GARBAGE = SH_BASE + SHARD["garbage"]
+SH_END = SH_BASE + SHARD.size
+SHARD_LIVE = 0
+SHARD_COMPACTING = 1
+SHARD_REPLACED = 2
+
+RECORD = Layout("record", [
+    Field("hash", 8),
+    Field("info", 8),      # key length (bits 0-31) | value kind << 32
+    Field("value", 8),     # an int64/float64 value in place, or the value's length
+])
+RC_HASH = RECORD["hash"]
+RC_INFO = RECORD["info"]
+RC_VALUE = RECORD["value"]
+RECORD_HEADER = RECORD.size       # key bytes follow, then value bytes, padded to 8
+
+# Index entries: EMPTY, TOMB, or (record offset / 8) << ENTRY_SHIFT | tag.
+ENTRY_EMPTY = 0
+ENTRY_TOMB = 1
+ENTRY_SHIFT = 20
+ENTRY_TAG_MASK = (1 << ENTRY_SHIFT) - 1
+
+# Value kinds stored with a record (codec kinds 0-3 for encoded values).
+VK_I64 = 0x81          # an int64 in the record's value word: incr works lock-free
+VK_F64 = 0x82          # a float64 in the record's value word
+
+
+def dict_layout(nshards: int) -> dict:
+    participants = _round_up(DC_END, CACHE_LINE)
+    tokens = participants + MAX_PARTICIPANTS * PT_SIZE
+    table = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
+    announce = table + nshards * SE_SIZE
+    size = announce + MAX_PARTICIPANTS * ANNOUNCE_SIZE
+    return {"participants": participants, "tokens": tokens, "table": table, "announce": announce,
+            "size": size}
+
+
+def shard_layout(nslots: int, heap: int) -> dict:
+    index = SH_END
+    heap_off = _round_up(index + 8 * nslots, 64)
+    return {"header": SH_BASE, "index": index, "heap": heap_off, "size": heap_off + _round_up(heap, 8)}

@@ -93,7 +93,6 @@ def _memcpy(typingctx, dst, doff, src, soff, n):
     return types.none(dst, doff, src, soff, n), codegen
 
 
-@numba.njit(inline="always", cache=True)
 def _in_range(n, doff, dlen, soff, slen):
     # Written so that nothing can overflow int64 (doff + n could wrap).
     return (0 <= n and 0 <= doff <= dlen and 0 <= soff <= slen
@@ -120,7 +119,10 @@ def _ol_copy(dst, doff, src, soff, n):
             raise errors.NumbaTypeError(f"memory.copy: {name} must be a 1-D C-contiguous uint8 array")
 
     def impl(dst, doff, src, soff, n):
-        if not _in_range(n, doff, dst.shape[0], soff, src.shape[0]):
+        # Written so that nothing can overflow int64 (doff + n could wrap).
+        dlen = dst.shape[0]
+        slen = src.shape[0]
+        if n < 0 or doff < 0 or soff < 0 or doff > dlen or soff > slen or n > dlen - doff or n > slen - soff:
             return -1
         if n > 0:
             _memcpy(dst, doff, src, soff, n)

@@ -13,6 +13,7 @@ process in the way.
 See README.md for the tour.
 """
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
+from .dict import DictStats, SharedDict
 from .queues import JoinableQueue, Queue, SimpleQueue
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
-    "Queue", "SimpleQueue", "JoinableQueue",
+    "Queue", "SimpleQueue", "JoinableQueue", "SharedDict", "DictStats",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",

@@ -1502,11 +1502,19 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
 _HANDLES: "weakref.WeakSet" = weakref.WeakSet()
 
 
+EXIT_HOOKS: list = []        # other structures' close-everything functions (SharedDict's)
+
+
 def close_all() -> None:
     """Close every handle this process holds (at exit)."""
     for h in list(_HANDLES):
         try:
             h.close()
+        except Exception:
+            pass
+    for hook in EXIT_HOOKS:
+        try:
+            hook()
         except Exception:
             pass
 

@@ -1,0 +1,1111 @@
+"""A sharded hash table in shared memory: lock-free reads, robust per-shard locks.
+
+Design notes
+------------
+What dashmap and flurry give Rust threads, for processes: the table is cut
+into a power-of-two number of *shards* (dashmap); each shard has its own
+lock, taken only by writers, and readers never take it (flurry).
+
+A shard's data lives in one segment per *generation*: a header, an open
+addressing index (linear probing) of one-word entries, and a heap of
+records appended in place (``kernels/layout.py``: ``SHARD``, ``RECORD``).
+
+* A record (hash, key length and value kind, the value or its length, the
+  key, the value) is written once and never modified, except the in-place
+  int64 of a ``VK_I64`` record, which ``incr`` changes by fetch_add.
+* An index entry is ``EMPTY``, ``TOMB`` or ``offset/8 << 20 | tag`` (20
+  bits of the hash): one word, so inserting, replacing (a new record, the
+  entry swapped to it) and deleting (a tombstone) are each one release
+  store, the commit point of the write.
+* A writer holds the shard's lock (``SHARD_ENTRY.lock`` in the control
+  segment: the owner's participant index + 1, and a waiters bit that makes
+  the word a futex) for the whole operation, appends at ``bump``, stores the
+  entry, then updates the counters.
+
+*Reads are lock-free and never retry because of an ordinary write*: they
+probe with acquire loads, and a record reached through an entry is
+complete and immutable (release store of the entry / acquire load: the
+record's bytes happen-before). They retry only if the shard moved to a new
+generation (``state == REPLACED``, checked after an acquire fence once the
+value is copied out), since a write after the move is not in the old one.
+
+*Growth, compaction and repair are one operation*: under the lock, mark the
+generation COMPACTING, wait for lock-free incrementers to leave (see below),
+copy the live records into a fresh, larger or tighter generation (dropping
+garbage and tombstones), publish its number in the shard table, mark the
+old one REPLACED. A writer killed at any instruction leaves at most an
+unreachable record and stale counters in the current generation; whoever
+recovers its lock (``shm/dict.py``) compacts, which recounts everything
+from the index. Space freed by deletes and replaced values is reclaimed the
+same way: when the heap is full, the next generation is sized for the live
+data, not the garbage.
+
+*Lock-free increments*: ``incr`` on a ``VK_I64`` record is a fetch_add on
+the record's value word, without the lock. So that a compaction (or a
+locked read-modify-write) does not copy a value while an increment is
+landing on the old record, an incrementer first *announces* the shard
+generation it works in (its own line of the announce table, seq_cst),
+then checks the generation is LIVE (seq_cst), adds, and clears its
+announcement; the compactor sets COMPACTING (seq_cst) then waits until no
+live participant announces that generation. Dekker: one of the two sees the
+other. An incrementer that finds COMPACTING goes through the lock instead.
+After adding, it re-reads the entry: if a writer replaced or deleted the
+record meanwhile, the add landed on a dead record and it retries.
+
+Rejected: a seqlock per shard (readers retry whenever anyone writes the
+shard, and spin forever if a writer dies mid-write); per-bucket locks
+(flurry's bins: more lock words to recover after a kill); moving records in
+place (readers would need the seqlock again).
+
+Every function takes a *dict descriptor*: a process-local int64 array
+(``X_*``) with the validated address, size and geometry of each shard's
+current generation. Offsets read from shared memory (entries, record
+lengths) are bounds-checked before use, so a corrupt segment returns
+``CORRUPT``, never a wild access.
+"""
+from __future__ import annotations
+
+from . import atomics as A
+from . import layout as L
+from ._jit import jit
+from .hashing import hash_bytes, hash_i64
+from .memory import copy, i64_at, u8_at
+from .ring import backoff
+from .syscalls import futex_wait, futex_wake, thread_id
+
+# --------------------------------------------------------------------------
+# Descriptor.
+
+X_CTRL = 0          # control segment address
+X_CTRL_SIZE = 1
+X_NSHARDS = 2
+X_SHIFT = 3         # 64 - log2(shards): shard = hash >> X_SHIFT (logical)
+X_ME = 4            # participant index, -1 if not registered
+X_TABLE = 5         # byte offset of the shard table in the control segment
+X_ANNOUNCE = 6      # byte offset of the announce table
+X_DST = 7           # address of the process-local result buffer (banks of areas)
+X_DST_SIZE = 8
+X_AREA_SIZE = 9     # bytes per result area
+X_BANKS = 10        # address of the bank table (int64[2 * N_BANKS])
+X_KEYMODE = 11      # 0: keys are encoded bytes; 1: int64 keys (numeric mode)
+X_SHARDS = 16       # per shard, X_STRIDE words:
+S_ADDR = 0          #   mapped address of its current generation (0: not mapped)
+S_SIZE = 1          #   mapped size
+S_GEN = 2           #   generation number
+S_NSLOTS = 3        #   index entries
+S_INDEX = 4         #   byte offset of the index
+S_HEAP = 5          #   byte offset of the heap
+S_HEAP_SIZE = 6     #   heap bytes
+X_STRIDE = 8
+
+N_BANKS = 8
+N_AREAS = 4         # per thread: its areas are only reused by itself
+AREA_SHIFT = 8      # get success: len << LEN_SHIFT | area << 8 | kind
+LEN_SHIFT = 17
+AREA_MASK = N_BANKS * N_AREAS - 1
+
+# Status codes (negative).
+OK = 0
+NOTFOUND = -1
+NEED_GROW = -2      # the shard's index or heap is full: the caller compacts it (lock kept)
+BUSY = -3           # the lock is held by someone else / the generation is compacting
+MOVED = -4          # the mapped generation was replaced: remap the shard (X_SHARDS) and retry
+NEED_BUF = -5       # the value does not fit the result area: call get_into_at with a buffer
+WRONG_KIND = -6     # incr on a value that is not an int64
+CORRUPT = -7
+UNMAPPED = -8       # the shard is not mapped in this process yet
+NO_BANK = -9        # every result bank belongs to another thread
+CLOSED = -10
+STATUS_NAMES = {OK: "OK", NOTFOUND: "NOTFOUND", NEED_GROW: "NEED_GROW", BUSY: "BUSY", MOVED: "MOVED",
+                NEED_BUF: "NEED_BUF", WRONG_KIND: "WRONG_KIND", CORRUPT: "CORRUPT", UNMAPPED: "UNMAPPED",
+                NO_BANK: "NO_BANK", CLOSED: "CLOSED"}
+
+MAX_LOAD_NUM = 3     # an index may be 3/4 full (live entries and tombstones)
+MAX_LOAD_DEN = 4
+
+
+# --------------------------------------------------------------------------
+# Addressing.
+
+@jit(inline="always")
+def _ctrl(d):
+    return i64_at(d[X_CTRL], d[X_CTRL_SIZE] >> 3)
+
+
+@jit(inline="always")
+def _sx(s):
+    return X_SHARDS + s * X_STRIDE
+
+
+@jit(inline="always")
+def shard_of(d, h):
+    return (h >> d[X_SHIFT]) & (d[X_NSHARDS] - 1)
+
+
+@jit(inline="always")
+def _entry_w(d, x, i):
+    return (d[x + S_INDEX] >> 3) + i
+
+
+@jit(inline="always")
+def _record_size(n, kind, vlen):
+    body = L.RECORD_HEADER + n
+    if kind != L.VK_I64 and kind != L.VK_F64:
+        body += vlen
+    return (body + 7) & ~7
+
+
+@jit(inline="always")
+def _tag(h):
+    return (h >> 20) & L.ENTRY_TAG_MASK
+
+
+@jit
+def _memeq(a, aoff, b, boff, n):
+    i = 0
+    while i + 8 <= n:
+        wa = 0
+        wb = 0
+        for k in range(8):
+            wa |= (a[aoff + i + k] & 0xFF) << (8 * k)
+            wb |= (b[boff + i + k] & 0xFF) << (8 * k)
+        if wa != wb:
+            return False
+        i += 8
+    while i < n:
+        if a[aoff + i] != b[boff + i]:
+            return False
+        i += 1
+    return True
+
+
+@jit
+def _find(d, s, key, koff, n, h):
+    """Probe shard ``s`` for the key. Returns (entry index, entry, record offset in the segment).
+
+    When absent: (-1, insert slot (first tombstone or empty on the path; -1 if the index
+    is full), 0). A record offset of -1 means the entry pointed outside the heap (corrupt).
+    """
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    b = u8_at(d[x + S_ADDR], d[x + S_SIZE])
+    nslots = d[x + S_NSLOTS]
+    heap = d[x + S_HEAP]
+    hsize = d[x + S_HEAP_SIZE]
+    mask = nslots - 1
+    i = h & mask
+    tag = _tag(h)
+    free = -1
+    for _ in range(nslots):
+        e = A.load(w, _entry_w(d, x, i), "acquire")
+        if e == L.ENTRY_EMPTY:
+            return -1, (free if free >= 0 else i), 0
+        if e == L.ENTRY_TOMB:
+            if free < 0:
+                free = i
+        elif (e & L.ENTRY_TAG_MASK) == tag:
+            off = (e >> L.ENTRY_SHIFT) << 3
+            if off < 0 or off + L.RECORD_HEADER > hsize:
+                return i, e, -1
+            ro = heap + off
+            info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+            klen = info & 0xFFFFFFFF
+            if A.load(w, ro >> 3, "relaxed") == h and klen == n:
+                if off + L.RECORD_HEADER + n > hsize:
+                    return i, e, -1
+                if _memeq(b, ro + L.RECORD_HEADER, key, koff, n):
+                    return i, e, ro
+        i = (i + 1) & mask
+    return -1, free, 0
+
+
+@jit(inline="always")
+def _mapped(d, s):
+    return d[_sx(s) + S_ADDR] != 0
+
+
+@jit(inline="always")
+def _state(d, s):
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    return A.load(w, L.SH_STATE >> 3, "acquire")
+
+
+@jit(inline="always")
+def _hash(d, key, koff, n):
+    if d[X_KEYMODE] == 1 and n == 8:
+        v = 0
+        for k in range(8):
+            v |= (key[koff + k] & 0xFF) << (8 * k)
+        return hash_i64(v)
+    return hash_bytes(key, koff, n)
+
+
+# --------------------------------------------------------------------------
+# Result areas (the same per-thread banks as kernels/ring.py).
+
+@jit(inline="always")
+def _area(d):
+    banks = i64_at(d[X_BANKS], 2 * N_BANKS)
+    tid = thread_id()
+    b = -1
+    for k in range(N_BANKS):
+        if A.load(banks, k, "relaxed") == tid:
+            b = k
+            break
+    if b < 0:
+        for k in range(N_BANKS):
+            if A.load(banks, k, "relaxed") == 0 and A.cas(banks, k, 0, tid, "relaxed") == 0:
+                b = k
+                break
+    if b < 0:
+        return -1
+    j = A.load(banks, N_BANKS + b, "relaxed")
+    A.store(banks, N_BANKS + b, (j + 1) & (N_AREAS - 1), "relaxed")
+    return b * N_AREAS + j
+
+
+# --------------------------------------------------------------------------
+# Reads (lock-free).
+
+@jit
+def get(d, key, koff, n, dst, dst_off, dst_cap):
+    """Look up the key; copy its value (bytes, or the 8-byte number) into ``dst``.
+
+    Returns ``len << 8 | kind`` (>= 0), NOTFOUND, NEED_BUF (``dst_cap`` too
+    small; the length is in the return of ``value_len``), MOVED, UNMAPPED or
+    CORRUPT. Lock-free; usable from a user's own @njit code.
+    """
+    h = _hash(d, key, koff, n)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    b = u8_at(d[x + S_ADDR], d[x + S_SIZE])
+    i, e, ro = _find(d, s, key, koff, n, h)
+    r = NOTFOUND
+    if i >= 0:
+        if ro < 0:
+            return CORRUPT
+        info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+        kind = (info >> 32) & 0xFF
+        if kind == L.VK_I64 or kind == L.VK_F64:
+            if dst_cap < 8:
+                return NEED_BUF
+            v = A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
+            for k in range(8):
+                dst[dst_off + k] = (v >> (8 * k)) & 0xFF
+            r = (8 << 8) | kind
+        else:
+            vlen = A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
+            voff = ro + L.RECORD_HEADER + (info & 0xFFFFFFFF)
+            if vlen < 0 or voff + vlen > d[x + S_HEAP] + d[x + S_HEAP_SIZE]:
+                return CORRUPT
+            if vlen > dst_cap:
+                return NEED_BUF
+            copy(dst, dst_off, b, voff, vlen)
+            r = (vlen << 8) | kind
+    # Everything above happens-before this check (the fence orders the loads
+    # and copies before it); a write made after the shard moved is not in
+    # this generation, so a move seen now means: read again in the new one.
+    A.fence("acquire")
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED
+    return r
+
+
+@jit
+def value_len(d, key, koff, n):
+    """The stored value's length in bytes (8 for numbers), NOTFOUND, MOVED or UNMAPPED."""
+    h = _hash(d, key, koff, n)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    i, e, ro = _find(d, s, key, koff, n, h)
+    if i < 0:
+        return NOTFOUND
+    if ro < 0:
+        return CORRUPT
+    info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+    kind = (info >> 32) & 0xFF
+    if kind == L.VK_I64 or kind == L.VK_F64:
+        return 8
+    return A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def get_at(daddr, key_addr, n):
+    """``get`` into the calling thread's next result area: the Python fast path.
+
+    Returns ``len << 17 | area << 8 | kind`` or a status.
+    """
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    a = _area(d)
+    if a < 0:
+        return NO_BANK
+    cap = d[X_AREA_SIZE]
+    r = get(d, u8_at(key_addr, n), 0, n, u8_at(d[X_DST] + a * cap, cap), 0, cap)
+    if r >= 0:
+        return ((r >> 8) << LEN_SHIFT) | (a << AREA_SHIFT) | (r & 0xFF)
+    return r
+
+
+@jit("int64(int64, int64, int64, int64, int64)", nogil=False)
+def get_into_at(daddr, key_addr, n, dst_addr, cap):
+    """``get`` into a buffer the caller allocated (values larger than an area)."""
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    return get(d, u8_at(key_addr, n), 0, n, u8_at(dst_addr, cap), 0, cap)
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def value_len_at(daddr, key_addr, n):
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    return value_len(d, u8_at(key_addr, n), 0, n)
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def shard_of_at(daddr, key_addr, n):
+    """Which shard the key lives in."""
+    d = i64_at(daddr, X_SHARDS)
+    return shard_of(d, _hash(d, u8_at(key_addr, n), 0, n))
+
+
+# --------------------------------------------------------------------------
+# Locks (robust: the owner is recorded; shm/dict.py recovers a dead owner's).
+
+@jit(inline="always")
+def _lock_w(d, s):
+    return (d[X_TABLE] + s * L.SE_SIZE + L.SE_LOCK) >> 3
+
+
+@jit
+def try_lock(d, s, spins):
+    """Take shard ``s``'s lock, spinning up to ``spins`` backoff steps. 1 if taken, else 0."""
+    c = _ctrl(d)
+    lw = _lock_w(d, s)
+    mine = d[X_ME] + 1
+    k = 0
+    while True:
+        # acquire: pairs with the previous holder's release in unlock.
+        if A.load(c, lw, "relaxed") == 0 and A.cas(c, lw, 0, mine, "acquire") == 0:
+            return 1
+        if k >= spins:
+            return 0
+        backoff(k if k < 10 else 7)
+        k += 1
+
+
+@jit
+def unlock(d, s):
+    """Release shard ``s``'s lock (held by this participant); wake a parked waiter."""
+    c = _ctrl(d)
+    lw = _lock_w(d, s)
+    old = A.exchange(c, lw, 0, "release")
+    if old & L.LOCK_WAITERS:
+        futex_wake(c, lw, 1)
+    return OK if (old & L.LOCK_OWNER_MASK) == d[X_ME] + 1 else CORRUPT
+
+
+@jit("int64(int64, int64, int64)")
+def lock_spin_at(daddr, s, spins):
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
+        return CLOSED
+    return try_lock(d, s, spins)
+
+
+@jit("int64(int64, int64)", nogil=False)
+def unlock_at(daddr, s):
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    return unlock(d, s)
+
+
+@jit("int64(int64, int64, int64)")
+def lock_park_at(daddr, s, timeout_ns):
+    """Park until the lock word changes (or ``timeout_ns``); returns the owner seen (+1), 0 if free."""
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    c = _ctrl(d)
+    lw = _lock_w(d, s)
+    v = A.load(c, lw, "relaxed")
+    if v == 0:
+        return 0
+    if not v & L.LOCK_WAITERS:
+        if A.cas(c, lw, v, v | L.LOCK_WAITERS, "relaxed") != v:
+            return A.load(c, lw, "relaxed") & L.LOCK_OWNER_MASK
+        v = v | L.LOCK_WAITERS
+    A.fetch_add(c, (d[X_TABLE] + s * L.SE_SIZE + L.SE_LOCK_WAITS) >> 3, 1, "relaxed")
+    futex_wait(c, lw, v, timeout_ns)
+    return A.load(c, lw, "relaxed") & L.LOCK_OWNER_MASK
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def lock_steal_at(daddr, s, dead):
+    """Take over the lock of dead participant ``dead`` (its reaper). 1 if taken, 0 if not held by it."""
+    d = i64_at(daddr, X_SHARDS)
+    c = _ctrl(d)
+    lw = _lock_w(d, s)
+    v = A.load(c, lw, "acquire")
+    if (v & L.LOCK_OWNER_MASK) != dead + 1:
+        return 0
+    # Held in the dead participant's name; the reaper acts for it (see ring.recover_at).
+    return 1 if A.cas(c, lw, v, (d[X_ME] + 1) | (v & L.LOCK_WAITERS), "acq_rel") == v else 0
+
+
+@jit("int64(int64, int64)", nogil=False)
+def lock_owner_at(daddr, s):
+    d = i64_at(daddr, X_SHARDS)
+    return (A.load(_ctrl(d), _lock_w(d, s), "acquire") & L.LOCK_OWNER_MASK) - 1
+
+
+# --------------------------------------------------------------------------
+# Writes (the caller holds the shard's lock).
+
+@jit
+def _store(d, s, key, koff, n, h, kind, val, voff, vlen, num):
+    """Insert or replace under the lock. ``num`` is the value word of a numeric kind."""
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    b = u8_at(d[x + S_ADDR], d[x + S_SIZE])
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED
+    i, e, ro = _find(d, s, key, koff, n, h)
+    if i >= 0 and ro < 0:
+        return CORRUPT
+    if i >= 0 and (kind == L.VK_I64 or kind == L.VK_F64) and \
+            ((A.load(w, (ro + L.RC_INFO) >> 3, "relaxed") >> 32) & 0xFF) == kind:
+        # A number replacing a number of the same kind: one atomic store in
+        # place (readers see the old value or the new one; an incrementer
+        # racing with it is ordered before or after). No garbage.
+        A.store(w, (ro + L.RC_VALUE) >> 3, num, "release")
+        return OK
+    size = _record_size(n, kind, vlen)
+    bump = A.load(w, L.SH_BUMP >> 3, "relaxed")
+    heap = d[x + S_HEAP]
+    if bump + size > d[x + S_HEAP_SIZE]:
+        return NEED_GROW
+    count = A.load(w, L.SH_COUNT >> 3, "relaxed")
+    tombs = A.load(w, L.SH_TOMBS >> 3, "relaxed")
+    if i < 0:
+        slot = e
+        if slot < 0:
+            return NEED_GROW
+        reuse = A.load(w, _entry_w(d, x, slot), "relaxed") == L.ENTRY_TOMB
+        if not reuse and (count + tombs + 1) * MAX_LOAD_DEN > d[x + S_NSLOTS] * MAX_LOAD_NUM:
+            return NEED_GROW
+    ro_new = heap + bump
+    A.store(w, (ro_new + L.RC_HASH) >> 3, h, "relaxed")
+    A.store(w, (ro_new + L.RC_INFO) >> 3, n | (kind << 32), "relaxed")
+    if kind == L.VK_I64 or kind == L.VK_F64:
+        A.store(w, (ro_new + L.RC_VALUE) >> 3, num, "relaxed")
+    else:
+        A.store(w, (ro_new + L.RC_VALUE) >> 3, vlen, "relaxed")
+        copy(b, ro_new + L.RECORD_HEADER + n, val, voff, vlen)
+    copy(b, ro_new + L.RECORD_HEADER, key, koff, n)
+    A.store(w, L.SH_BUMP >> 3, bump + size, "relaxed")
+    entry = ((bump >> 3) << L.ENTRY_SHIFT) | _tag(h)
+    if i >= 0:
+        # Replace: readers see the old record or the new one, never a mix.
+        A.store(w, _entry_w(d, x, i), entry, "release")
+        oinfo = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+        okind = (oinfo >> 32) & 0xFF
+        old = _record_size(oinfo & 0xFFFFFFFF, okind, A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed"))
+        A.store(w, L.SH_GARBAGE >> 3, A.load(w, L.SH_GARBAGE >> 3, "relaxed") + old, "relaxed")
+        return OK
+    A.store(w, _entry_w(d, x, slot), entry, "release")
+    if reuse:
+        A.store(w, L.SH_TOMBS >> 3, tombs - 1, "relaxed")
+    A.store(w, L.SH_COUNT >> 3, count + 1, "relaxed")
+    return 1        # inserted
+
+
+@jit
+def _delete(d, s, key, koff, n, h):
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED
+    i, e, ro = _find(d, s, key, koff, n, h)
+    if i < 0:
+        return NOTFOUND
+    if ro < 0:
+        return CORRUPT
+    A.store(w, _entry_w(d, x, i), L.ENTRY_TOMB, "release")
+    info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+    size = _record_size(info & 0xFFFFFFFF, (info >> 32) & 0xFF, A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed"))
+    A.store(w, L.SH_GARBAGE >> 3, A.load(w, L.SH_GARBAGE >> 3, "relaxed") + size, "relaxed")
+    A.store(w, L.SH_COUNT >> 3, A.load(w, L.SH_COUNT >> 3, "relaxed") - 1, "relaxed")
+    A.store(w, L.SH_TOMBS >> 3, A.load(w, L.SH_TOMBS >> 3, "relaxed") + 1, "relaxed")
+    return OK
+
+
+@jit
+def put(d, key, koff, n, kind, val, voff, vlen, num, spins):
+    """Insert or replace a key, taking and releasing its shard's lock.
+
+    Returns OK (replaced), 1 (inserted), NEED_GROW, BUSY (the lock stayed
+    held for ``spins`` backoff steps), MOVED, UNMAPPED or CORRUPT. On
+    NEED_GROW and BUSY nothing was written. Usable from @njit code.
+    """
+    h = _hash(d, key, koff, n)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    if not try_lock(d, s, spins):
+        return BUSY
+    r = _store(d, s, key, koff, n, h, kind, val, voff, vlen, num)
+    unlock(d, s)
+    return r
+
+
+@jit("int64(int64, int64, int64, int64, int64, int64, int64)", nogil=False)
+def put_at(daddr, key_addr, n, kind, val_addr, vlen, num):
+    """``put`` for the Python fast path (a short spin for the lock)."""
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    return put(d, u8_at(key_addr, n), 0, n, kind, u8_at(val_addr, vlen), 0, vlen, num, 7)
+
+
+@jit("int64(int64, int64, int64, int64, int64, int64, int64)", nogil=False)
+def store_locked_at(daddr, key_addr, n, kind, val_addr, vlen, num):
+    """Insert or replace while the caller already holds the key's shard lock."""
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    key = u8_at(key_addr, n)
+    h = _hash(d, key, 0, n)
+    return _store(d, shard_of(d, h), key, 0, n, h, kind, u8_at(val_addr, vlen), 0, vlen, num)
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def delete_at(daddr, key_addr, n, locked):
+    """Delete a key (taking its shard lock unless ``locked``). OK, NOTFOUND, BUSY, MOVED."""
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    key = u8_at(key_addr, n)
+    h = _hash(d, key, 0, n)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    if locked:
+        return _delete(d, s, key, 0, n, h)
+    if not try_lock(d, s, 7):
+        return BUSY
+    r = _delete(d, s, key, 0, n, h)
+    unlock(d, s)
+    return r
+
+
+# --------------------------------------------------------------------------
+# Lock-free increments.
+
+@jit(inline="always")
+def _ann_w(d, me):
+    return (d[X_ANNOUNCE] + me * L.ANNOUNCE_SIZE) >> 3
+
+
+@jit
+def incr(d, key, koff, n, delta, out, out_off):
+    """Add ``delta`` to an int64 value without the lock; the new value goes to ``out``.
+
+    Returns OK, NOTFOUND (take the locked path: insert the default),
+    WRONG_KIND (the value is not an int64), BUSY (the generation is being
+    compacted or read-modify-written under the lock: take the locked path),
+    MOVED, UNMAPPED or CORRUPT. Usable from @njit code.
+    """
+    h = _hash(d, key, koff, n)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    c = _ctrl(d)
+    me = d[X_ME]
+    if me < 0:
+        return CLOSED
+    aw = _ann_w(d, me)
+    while True:
+        i, e, ro = _find(d, s, key, koff, n, h)
+        if i < 0:
+            return MOVED if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED else NOTFOUND
+        if ro < 0:
+            return CORRUPT
+        kind = (A.load(w, (ro + L.RC_INFO) >> 3, "relaxed") >> 32) & 0xFF
+        if kind != L.VK_I64:
+            return WRONG_KIND
+        # Dekker with the compactor: announce, then check the generation (both seq_cst).
+        A.store(c, aw, ((s + 1) << 32) | d[x + S_GEN], "seq_cst")
+        st = A.load(w, L.SH_STATE >> 3, "seq_cst")
+        if st != L.SHARD_LIVE:
+            A.store(c, aw, 0, "release")
+            return MOVED if st == L.SHARD_REPLACED else BUSY
+        old = A.fetch_add(w, (ro + L.RC_VALUE) >> 3, delta, "seq_cst")
+        A.store(c, aw, 0, "release")
+        if A.load(w, _entry_w(d, x, i), "acquire") == e:
+            v = old + delta
+            for k in range(8):
+                out[out_off + k] = (v >> (8 * k)) & 0xFF
+            return OK
+        # The record was replaced or deleted while we added: that add landed on a
+        # dead record; do it again on whatever the key is now.
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def incr_at(daddr, key_addr, n, delta):
+    """``incr`` with the new value in the calling thread's next result area.
+
+    Returns ``area`` (>= 0, the area holds the new int64) or a status.
+    """
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    a = _area(d)
+    if a < 0:
+        return NO_BANK
+    cap = d[X_AREA_SIZE]
+    r = incr(d, u8_at(key_addr, n), 0, n, delta, u8_at(d[X_DST] + a * cap, cap), 0)
+    return a if r == OK else r
+
+
+@jit("int64(int64, int64)", nogil=False)
+def announcers_at(daddr, s):
+    """Participants announcing the mapped generation of shard ``s`` (a bitmask of the first 64, plus a count)."""
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    c = _ctrl(d)
+    want = ((s + 1) << 32) | d[_sx(s) + S_GEN]
+    n = 0
+    for p in range(L.MAX_PARTICIPANTS):
+        if A.load(c, _ann_w(d, p), "seq_cst") == want:
+            n += 1
+    return n
+
+
+@jit("int64(int64, int64)", nogil=False)
+def announcer_at(daddr, s):
+    """The first participant announcing shard ``s``'s mapped generation, or -1."""
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    c = _ctrl(d)
+    want = ((s + 1) << 32) | d[_sx(s) + S_GEN]
+    for p in range(L.MAX_PARTICIPANTS):
+        if A.load(c, _ann_w(d, p), "seq_cst") == want:
+            return p
+    return -1
+
+
+@jit("int64(int64, int64)", nogil=False)
+def clear_announce_at(daddr, p):
+    d = i64_at(daddr, X_SHARDS)
+    A.store(_ctrl(d), _ann_w(d, p), 0, "seq_cst")
+    return OK
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def set_state_at(daddr, s, state):
+    """Set the mapped generation's state (the caller holds the lock); returns the old state."""
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    return A.exchange(w, L.SH_STATE >> 3, state, "seq_cst")
+
+
+# --------------------------------------------------------------------------
+# Compaction (growth, shrinking, repair): old generation -> new generation.
+
+@jit("int64(int64, int64, int64, int64, int64, int64, int64, int64)", nogil=False)
+def compact_at(daddr, s, new_addr, new_size, nslots, index_off, heap_off, heap_size):
+    """Copy shard ``s``'s live records into a fresh generation segment.
+
+    The caller holds the lock and has set the old generation COMPACTING and
+    waited for incrementers to leave. Records are re-validated (bounds,
+    hash, key length) and anything that does not check out is dropped.
+    Returns the number of records copied, or NEED_GROW if the new segment
+    is too small (nothing is published either way: the caller does that).
+    """
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    x = _sx(s)
+    ow = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    ob = u8_at(d[x + S_ADDR], d[x + S_SIZE])
+    nw = i64_at(new_addr, new_size >> 3)
+    nb = u8_at(new_addr, new_size)
+    oheap = d[x + S_HEAP]
+    ohsize = d[x + S_HEAP_SIZE]
+    mask = nslots - 1
+    bump = 0
+    count = 0
+    for i in range(d[x + S_NSLOTS]):
+        e = A.load(ow, _entry_w(d, x, i), "acquire")
+        if e == L.ENTRY_EMPTY or e == L.ENTRY_TOMB:
+            continue
+        off = (e >> L.ENTRY_SHIFT) << 3
+        if off < 0 or off + L.RECORD_HEADER > ohsize:
+            continue
+        ro = oheap + off
+        h = A.load(ow, ro >> 3, "relaxed")
+        info = A.load(ow, (ro + L.RC_INFO) >> 3, "relaxed")
+        klen = info & 0xFFFFFFFF
+        kind = (info >> 32) & 0xFF
+        val = A.load(ow, (ro + L.RC_VALUE) >> 3, "relaxed")
+        vlen = 0 if (kind == L.VK_I64 or kind == L.VK_F64) else val
+        if vlen < 0 or (e & L.ENTRY_TAG_MASK) != _tag(h):
+            continue
+        size = _record_size(klen, kind, vlen)
+        if off + size > ohsize:
+            continue
+        if bump + size > heap_size:
+            return NEED_GROW
+        j = h & mask
+        placed = False
+        for _ in range(nslots):
+            if A.load(nw, (index_off >> 3) + j, "relaxed") == L.ENTRY_EMPTY:
+                placed = True
+                break
+            j = (j + 1) & mask
+        if not placed:
+            return NEED_GROW
+        copy(nb, heap_off + bump, ob, ro, size)
+        A.store(nw, (index_off >> 3) + j, ((bump >> 3) << L.ENTRY_SHIFT) | _tag(h), "relaxed")
+        bump += size
+        count += 1
+    A.store(nw, L.SH_BUMP >> 3, bump, "relaxed")
+    A.store(nw, L.SH_COUNT >> 3, count, "relaxed")
+    A.store(nw, L.SH_TOMBS >> 3, 0, "relaxed")
+    A.store(nw, L.SH_GARBAGE >> 3, 0, "relaxed")
+    A.store(nw, L.SH_STATE >> 3, L.SHARD_LIVE, "release")
+    return count
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def shard_stat_at(daddr, s, field_off):
+    """A word of shard ``s``'s mapped generation header (SH_*), or MOVED."""
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    if not _mapped(d, s):
+        return UNMAPPED
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    return A.load(w, field_off >> 3, "acquire")
+
+
+# --------------------------------------------------------------------------
+# Iteration: a snapshot of one shard.
+
+@jit("int64(int64, int64, int64, int64, int64)", nogil=False)
+def snapshot_at(daddr, s, dst_addr, cap, with_values):
+    """Copy every live record of shard ``s`` into ``dst`` as [klen:4][kind:1][pad:3][vlen:8][key][value].
+
+    Returns the bytes written, ``-(needed + 100)`` if ``cap`` is too small,
+    MOVED if the generation was replaced meanwhile (start the shard again).
+    Each entry is read once: a key present for the whole scan is seen
+    exactly once; keys written during it may or may not be.
+    """
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    if not _mapped(d, s):
+        return UNMAPPED
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    b = u8_at(d[x + S_ADDR], d[x + S_SIZE])
+    dst = u8_at(dst_addr, cap)
+    heap = d[x + S_HEAP]
+    hsize = d[x + S_HEAP_SIZE]
+    at = 0
+    need = 0
+    for i in range(d[x + S_NSLOTS]):
+        e = A.load(w, _entry_w(d, x, i), "acquire")
+        if e == L.ENTRY_EMPTY or e == L.ENTRY_TOMB:
+            continue
+        off = (e >> L.ENTRY_SHIFT) << 3
+        if off < 0 or off + L.RECORD_HEADER > hsize:
+            continue
+        ro = heap + off
+        info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+        klen = info & 0xFFFFFFFF
+        kind = (info >> 32) & 0xFF
+        val = A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
+        numeric = kind == L.VK_I64 or kind == L.VK_F64
+        vlen = 8 if numeric else val
+        if vlen < 0 or off + L.RECORD_HEADER + klen + (0 if numeric else vlen) > hsize:
+            continue
+        body = 16 + klen + (vlen if with_values else 0)
+        need += body
+        if at + body > cap:
+            continue
+        dst[at] = klen & 0xFF
+        dst[at + 1] = (klen >> 8) & 0xFF
+        dst[at + 2] = (klen >> 16) & 0xFF
+        dst[at + 3] = (klen >> 24) & 0xFF
+        dst[at + 4] = kind
+        wv = vlen if with_values else 0
+        for k in range(8):
+            dst[at + 8 + k] = (wv >> (8 * k)) & 0xFF
+        copy(dst, at + 16, b, ro + L.RECORD_HEADER, klen)
+        if with_values:
+            if numeric:
+                for k in range(8):
+                    dst[at + 16 + klen + k] = (val >> (8 * k)) & 0xFF
+            else:
+                copy(dst, at + 16 + klen, b, ro + L.RECORD_HEADER + klen, vlen)
+        at += body
+    A.fence("acquire")
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED
+    if need > at:
+        return -(need + 100)
+    return at
+
+
+# --------------------------------------------------------------------------
+# The numeric mode: int64 keys, int64 or float64 values, for a user's @njit
+# loops (and the Python layer's numeric dicts). The key is 8 bytes in the
+# record, compared as one word; nothing is allocated per call.
+
+@jit
+def _find_i64(d, s, key, h):
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    nslots = d[x + S_NSLOTS]
+    heap = d[x + S_HEAP]
+    hsize = d[x + S_HEAP_SIZE]
+    mask = nslots - 1
+    i = h & mask
+    tag = _tag(h)
+    free = -1
+    for _ in range(nslots):
+        e = A.load(w, _entry_w(d, x, i), "acquire")
+        if e == L.ENTRY_EMPTY:
+            return -1, (free if free >= 0 else i), 0
+        if e == L.ENTRY_TOMB:
+            if free < 0:
+                free = i
+        elif (e & L.ENTRY_TAG_MASK) == tag:
+            off = (e >> L.ENTRY_SHIFT) << 3
+            if off < 0 or off + L.RECORD_HEADER + 8 > hsize:
+                return i, e, -1
+            ro = heap + off
+            if (A.load(w, (ro + L.RC_INFO) >> 3, "relaxed") & 0xFFFFFFFF) == 8 and \
+                    A.load(w, (ro + L.RECORD_HEADER) >> 3, "relaxed") == key and \
+                    A.load(w, ro >> 3, "relaxed") == h:
+                return i, e, ro
+        i = (i + 1) & mask
+    return -1, free, 0
+
+
+@jit
+def lookup_i64(d, key):
+    """Numeric mode: ``(status, value bits)`` of int64 ``key``.
+
+    Status OK, NOTFOUND, MOVED or UNMAPPED (on those two, return to Python
+    and call the dict's ``refresh()``). The bits are the int64 itself, or a
+    float64's bits (``lookup_f64`` reinterprets them).
+    """
+    h = hash_i64(key)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED, 0
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    i, e, ro = _find_i64(d, s, key, h)
+    v = 0
+    r = NOTFOUND
+    if i >= 0:
+        if ro < 0:
+            return CORRUPT, 0
+        v = A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
+        r = OK
+    A.fence("acquire")
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED, 0
+    return r, v
+
+
+@jit
+def _store_i64(d, s, key, h, kind, num):
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED:
+        return MOVED
+    i, e, ro = _find_i64(d, s, key, h)
+    if i >= 0:
+        if ro < 0:
+            return CORRUPT
+        info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
+        if ((info >> 32) & 0xFF) == kind:
+            # Same numeric kind: overwrite in place (an atomic store; an
+            # incrementer racing with it is ordered before or after).
+            A.store(w, (ro + L.RC_VALUE) >> 3, num, "release")
+            return OK
+    size = _record_size(8, kind, 0)
+    bump = A.load(w, L.SH_BUMP >> 3, "relaxed")
+    if bump + size > d[x + S_HEAP_SIZE]:
+        return NEED_GROW
+    count = A.load(w, L.SH_COUNT >> 3, "relaxed")
+    tombs = A.load(w, L.SH_TOMBS >> 3, "relaxed")
+    reuse = False
+    if i < 0:
+        if e < 0:
+            return NEED_GROW
+        reuse = A.load(w, _entry_w(d, x, e), "relaxed") == L.ENTRY_TOMB
+        if not reuse and (count + tombs + 1) * MAX_LOAD_DEN > d[x + S_NSLOTS] * MAX_LOAD_NUM:
+            return NEED_GROW
+    ro_new = d[x + S_HEAP] + bump
+    A.store(w, (ro_new + L.RC_HASH) >> 3, h, "relaxed")
+    A.store(w, (ro_new + L.RC_INFO) >> 3, 8 | (kind << 32), "relaxed")
+    A.store(w, (ro_new + L.RC_VALUE) >> 3, num, "relaxed")
+    A.store(w, (ro_new + L.RECORD_HEADER) >> 3, key, "relaxed")
+    A.store(w, L.SH_BUMP >> 3, bump + size, "relaxed")
+    entry = ((bump >> 3) << L.ENTRY_SHIFT) | _tag(h)
+    if i >= 0:
+        A.store(w, _entry_w(d, x, i), entry, "release")
+        A.store(w, L.SH_GARBAGE >> 3, A.load(w, L.SH_GARBAGE >> 3, "relaxed") + size, "relaxed")
+        return OK
+    A.store(w, _entry_w(d, x, e), entry, "release")
+    if reuse:
+        A.store(w, L.SH_TOMBS >> 3, tombs - 1, "relaxed")
+    A.store(w, L.SH_COUNT >> 3, count + 1, "relaxed")
+    return 1
+
+
+@jit
+def put_i64(d, key, kind, num, spins):
+    """Numeric mode: store ``num`` (int64 bits, of ``kind`` VK_I64 or VK_F64) under int64 ``key``.
+
+    Takes the shard lock (spinning up to ``spins`` steps: BUSY if it stays
+    taken). Returns OK/1 (replaced/inserted), NEED_GROW (return to Python:
+    the dict's ``refresh()`` grows the shard), BUSY, MOVED or UNMAPPED.
+    """
+    h = hash_i64(key)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED
+    if not try_lock(d, s, spins):
+        return BUSY
+    r = _store_i64(d, s, key, h, kind, num)
+    unlock(d, s)
+    return r
+
+
+@jit
+def incr_i64(d, key, delta):
+    """Numeric mode: ``(status, new value)`` after adding ``delta`` lock-free.
+
+    NOTFOUND (the key is absent: put it first, or call the dict's ``incr``
+    from Python), BUSY (a compaction is running: retry), MOVED, UNMAPPED.
+    """
+    h = hash_i64(key)
+    s = shard_of(d, h)
+    if not _mapped(d, s):
+        return UNMAPPED, 0
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    c = _ctrl(d)
+    me = d[X_ME]
+    if me < 0:
+        return CLOSED, 0
+    aw = _ann_w(d, me)
+    while True:
+        i, e, ro = _find_i64(d, s, key, h)
+        if i < 0:
+            return (MOVED if A.load(w, L.SH_STATE >> 3, "acquire") == L.SHARD_REPLACED else NOTFOUND), 0
+        if ro < 0:
+            return CORRUPT, 0
+        if ((A.load(w, (ro + L.RC_INFO) >> 3, "relaxed") >> 32) & 0xFF) != L.VK_I64:
+            return WRONG_KIND, 0
+        A.store(c, aw, ((s + 1) << 32) | d[x + S_GEN], "seq_cst")
+        st = A.load(w, L.SH_STATE >> 3, "seq_cst")
+        if st != L.SHARD_LIVE:
+            A.store(c, aw, 0, "release")
+            return (MOVED if st == L.SHARD_REPLACED else BUSY), 0
+        old = A.fetch_add(w, (ro + L.RC_VALUE) >> 3, delta, "seq_cst")
+        A.store(c, aw, 0, "release")
+        if A.load(w, _entry_w(d, x, i), "acquire") == e:
+            return OK, old + delta
+
+
+@jit(inline="always")
+def _full(daddr):
+    d = i64_at(daddr, X_SHARDS)
+    return i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+
+
+@jit(inline="always")
+def _area_word(d, a):
+    return i64_at(d[X_DST] + a * d[X_AREA_SIZE], 1)
+
+
+@jit("int64(int64, int64)", nogil=False)
+def get_num_at(daddr, key):
+    """Numeric mode, from Python: ``area`` (>= 0, holding the value's bits) or a status."""
+    d = _full(daddr)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    a = _area(d)
+    if a < 0:
+        return NO_BANK
+    r, v = lookup_i64(d, key)
+    if r != OK:
+        return r
+    A.store(_area_word(d, a), 0, v, "relaxed")
+    return a
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def put_num_at(daddr, key, kind, num):
+    d = _full(daddr)
+    if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
+        return CLOSED
+    return put_i64(d, key, kind, num, 7)
+
+
+@jit("int64(int64, int64, int64, int64)", nogil=False)
+def store_num_locked_at(daddr, key, kind, num):
+    d = _full(daddr)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    h = hash_i64(key)
+    return _store_i64(d, shard_of(d, h), key, h, kind, num)
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def incr_num_at(daddr, key, delta):
+    d = _full(daddr)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    a = _area(d)
+    if a < 0:
+        return NO_BANK
+    r, v = incr_i64(d, key, delta)
+    if r != OK:
+        return r
+    A.store(_area_word(d, a), 0, v, "relaxed")
+    return a
+
+
+@jit("int64(int64, int64)", nogil=False)
+def shard_of_num_at(daddr, key):
+    d = i64_at(daddr, X_SHARDS)
+    return shard_of(d, hash_i64(key))
