@@ -65,6 +65,8 @@ lengths) are bounds-checked before use, so a corrupt segment returns
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import atomics as A
 from . import layout as L
 from ._jit import jit
@@ -88,6 +90,7 @@ X_DST_SIZE = 8
 X_AREA_SIZE = 9     # bytes per result area
 X_BANKS = 10        # address of the bank table (int64[2 * N_BANKS])
 X_KEYMODE = 11      # 0: keys are encoded bytes; 1: int64 keys (numeric mode)
+X_VALKIND = 12      # numeric mode: the one value kind stored (VK_I64 or VK_F64); else 0
 X_SHARDS = 16       # per shard, X_STRIDE words:
 S_ADDR = 0          #   mapped address of its current generation (0: not mapped)
 S_SIZE = 1          #   mapped size
@@ -98,11 +101,12 @@ S_HEAP = 5          #   byte offset of the heap
 S_HEAP_SIZE = 6     #   heap bytes
 X_STRIDE = 8
 
-N_BANKS = 8
+N_BANKS = 64        # threads of one process using one descriptor at once (Python reclaims exited ones)
 N_AREAS = 4         # per thread: its areas are only reused by itself
 AREA_SHIFT = 8      # get success: len << LEN_SHIFT | area << 8 | kind
 LEN_SHIFT = 17
 AREA_MASK = N_BANKS * N_AREAS - 1
+assert N_BANKS * N_AREAS <= 1 << (LEN_SHIFT - AREA_SHIFT)
 
 # Status codes (negative).
 OK = 0
@@ -116,11 +120,16 @@ CORRUPT = -7
 UNMAPPED = -8       # the shard is not mapped in this process yet
 NO_BANK = -9        # every result bank belongs to another thread
 CLOSED = -10
+_I64_MAX = np.int64(9223372036854775807)
+_I64_MIN = np.int64(-9223372036854775808)
+OVERFLOW = -11      # incr would leave the int64 range: nothing was added
 STATUS_NAMES = {OK: "OK", NOTFOUND: "NOTFOUND", NEED_GROW: "NEED_GROW", BUSY: "BUSY", MOVED: "MOVED",
                 NEED_BUF: "NEED_BUF", WRONG_KIND: "WRONG_KIND", CORRUPT: "CORRUPT", UNMAPPED: "UNMAPPED",
-                NO_BANK: "NO_BANK", CLOSED: "CLOSED"}
+                NO_BANK: "NO_BANK", CLOSED: "CLOSED", OVERFLOW: "OVERFLOW"}
 
 MAX_LOAD_NUM = 3     # an index may be 3/4 full (live entries and tombstones)
+HEAP_START = 8       # records start past the heap's first word, so a live entry (offset/8 << 20 | tag)
+                     # is at least 1 << 20 and can never read as EMPTY (0) or TOMB (1)
 MAX_LOAD_DEN = 4
 
 
@@ -495,7 +504,7 @@ def _store(d, s, key, koff, n, h, kind, val, voff, vlen, num):
         A.store(w, (ro + L.RC_VALUE) >> 3, num, "release")
         return OK
     size = _record_size(n, kind, vlen)
-    bump = A.load(w, L.SH_BUMP >> 3, "relaxed")
+    bump = max(A.load(w, L.SH_BUMP >> 3, "relaxed"), HEAP_START)
     heap = d[x + S_HEAP]
     if bump + size > d[x + S_HEAP_SIZE]:
         return NEED_GROW
@@ -579,6 +588,8 @@ def put_at(daddr, key_addr, n, kind, val_addr, vlen, num):
     d = i64_at(daddr, X_SHARDS)
     if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
         return CLOSED
+    if d[X_VALKIND] != 0 and kind != d[X_VALKIND]:
+        return WRONG_KIND       # numeric mode holds one kind: Python converts or refuses
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
     return put(d, u8_at(key_addr, n), 0, n, kind, u8_at(val_addr, vlen), 0, vlen, num, 7)
 
@@ -624,12 +635,29 @@ def _ann_w(d, me):
     return (d[X_ANNOUNCE] + me * L.ANNOUNCE_SIZE) >> 3
 
 
+@jit(inline="always")
+def _add_checked(w, vw, delta):
+    """Atomically add ``delta`` unless the int64 would overflow. Returns (ok, old)."""
+    # Compare against the bounds before adding: numba emits signed adds as
+    # ``add nsw``, so LLVM may fold a wrapped-result test like ``old + delta < old``
+    # to ``delta < 0`` (measured: it does). These comparisons cannot overflow.
+    old = A.load(w, vw, "relaxed")
+    while True:
+        if (delta > 0 and old > _I64_MAX - delta) or (delta < 0 and old < _I64_MIN - delta):
+            return False, old
+        seen = A.cas(w, vw, old, old + delta, "seq_cst")
+        if seen == old:
+            return True, old
+        old = seen
+
+
 @jit
 def incr(d, key, koff, n, delta, out, out_off):
     """Add ``delta`` to an int64 value without the lock; the new value goes to ``out``.
 
     Returns OK, NOTFOUND (take the locked path: insert the default),
-    WRONG_KIND (the value is not an int64), BUSY (the generation is being
+    WRONG_KIND (the value is not an int64), OVERFLOW (the result would not
+    fit an int64: the locked path stores it as a big int), BUSY (the generation is being
     compacted or read-modify-written under the lock: take the locked path),
     MOVED, UNMAPPED or CORRUPT. Usable from @njit code.
     """
@@ -659,8 +687,10 @@ def incr(d, key, koff, n, delta, out, out_off):
         if st != L.SHARD_LIVE:
             A.store(c, aw, 0, "release")
             return MOVED if st == L.SHARD_REPLACED else BUSY
-        old = A.fetch_add(w, (ro + L.RC_VALUE) >> 3, delta, "seq_cst")
+        ok, old = _add_checked(w, (ro + L.RC_VALUE) >> 3, delta)
         A.store(c, aw, 0, "release")
+        if not ok:
+            return OVERFLOW
         if A.load(w, _entry_w(d, x, i), "acquire") == e:
             v = old + delta
             for k in range(8):
@@ -755,7 +785,7 @@ def compact_at(daddr, s, new_addr, new_size, nslots, index_off, heap_off, heap_s
     oheap = d[x + S_HEAP]
     ohsize = d[x + S_HEAP_SIZE]
     mask = nslots - 1
-    bump = 0
+    bump = HEAP_START
     count = 0
     for i in range(d[x + S_NSLOTS]):
         e = A.load(ow, _entry_w(d, x, i), "acquire")
@@ -960,7 +990,7 @@ def _store_i64(d, s, key, h, kind, num):
             A.store(w, (ro + L.RC_VALUE) >> 3, num, "release")
             return OK
     size = _record_size(8, kind, 0)
-    bump = A.load(w, L.SH_BUMP >> 3, "relaxed")
+    bump = max(A.load(w, L.SH_BUMP >> 3, "relaxed"), HEAP_START)
     if bump + size > d[x + S_HEAP_SIZE]:
         return NEED_GROW
     count = A.load(w, L.SH_COUNT >> 3, "relaxed")
@@ -1014,7 +1044,8 @@ def incr_i64(d, key, delta):
     """Numeric mode: ``(status, new value)`` after adding ``delta`` lock-free.
 
     NOTFOUND (the key is absent: put it first, or call the dict's ``incr``
-    from Python), BUSY (a compaction is running: retry), MOVED, UNMAPPED.
+    from Python), OVERFLOW (the sum leaves int64: nothing added), BUSY (a
+    compaction is running: retry), MOVED, UNMAPPED.
     """
     h = hash_i64(key)
     s = shard_of(d, h)
@@ -1040,8 +1071,10 @@ def incr_i64(d, key, delta):
         if st != L.SHARD_LIVE:
             A.store(c, aw, 0, "release")
             return (MOVED if st == L.SHARD_REPLACED else BUSY), 0
-        old = A.fetch_add(w, (ro + L.RC_VALUE) >> 3, delta, "seq_cst")
+        ok, old = _add_checked(w, (ro + L.RC_VALUE) >> 3, delta)
         A.store(c, aw, 0, "release")
+        if not ok:
+            return OVERFLOW, old
         if A.load(w, _entry_w(d, x, i), "acquire") == e:
             return OK, old + delta
 

@@ -207,6 +207,7 @@ SIDE_RX = 0         # receivers waiting for messages
 SIDE_TX = 1         # senders waiting for space
 
 SPIN_STEPS = 10     # backoff steps of 2**k pauses (k <= 6) before yielding
+WRITER_SPIN = 4096  # pauses a pop waits for a producer mid-write at head (~100 us at most)
 YIELD_STEPS = 4     # sched_yield()s before giving up a spin
 
 
@@ -573,6 +574,7 @@ def _claim_pop(w, d, me, peek_blob):
     c = _ctrl(d)
     checked_senders = False
     senders = True
+    waited = 0
     while True:
         head = A.load(w, hw, "relaxed")
         sw = _slot_off(d, head) >> 3
@@ -599,6 +601,15 @@ def _claim_pop(w, d, me, peek_blob):
         if not checked_senders:
             senders = has_senders(c)
             checked_senders = True
+            continue
+        tail = A.load(w, tw, "relaxed")
+        if dp == 0 and st == WRITING and _pdiff(tail & ~SEALED_BIT, head) > 0 and waited < WRITER_SPIN:
+            # A producer claimed the head slot and is still copying into it while
+            # later messages may be complete behind it: like crossbeam, wait for
+            # it rather than report "empty" (its window is nanoseconds). A dead
+            # producer is bounded by WRITER_SPIN and left to recovery.
+            A.pause()
+            waited += 1
             continue
         tail = A.load(w, tw, "relaxed")
         if (tail & SEALED_BIT) and _pdiff(tail & ~SEALED_BIT, head) <= 0:

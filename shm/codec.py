@@ -126,8 +126,8 @@ class MsgpackCodec(Codec):
             raise EncodeError(
                 f"the {self.name!r} codec cannot encode this {type(obj).__name__} ({e}): msgpack "
                 "takes None, bool, int (64-bit), float, str, bytes, lists, tuples and dicts of "
-                "those; convert it, or create the channel with codec='pickle' for any "
-                "picklable object (or codec='numpy' for arrays)") from None
+                "those; convert it, or create the channel or SharedDict with codec='pickle' "
+                "for any picklable object (or a channel with codec='numpy' for arrays)") from None
 
     def decode(self, kind, buf):
         if kind != K_MSGPACK:

@@ -254,6 +254,7 @@ class SharedDict(MutableMapping):
         d[H.X_AREA_SIZE] = AREA
         d[H.X_BANKS] = self._banks.ctypes.data
         d[H.X_KEYMODE] = 1 if self._numeric else 0
+        d[H.X_VALKIND] = ((L.VK_I64 if self._vtype == 1 else L.VK_F64) if self._numeric else 0)
         self._d = d
         self._daddr = d.ctypes.data
         self._segs: list[Segment | None] = [None] * nshards
@@ -600,10 +601,28 @@ class SharedDict(MutableMapping):
         if r == H.CLOSED:
             raise Closed(f"SharedDict {self._name!r} was closed")
         if r == H.NO_BANK:
-            raise ShmError("more than 8 threads of this process read this SharedDict: open one per thread group")
+            if self._reclaim_banks():
+                return
+            raise ShmError(f"more than {H.N_BANKS} live threads of this process use SharedDict {self._name!r}: "
+                           "give each group of threads its own handle (SharedDict.open(name))")
         if r == H.CORRUPT:
             raise CorruptSegment(f"SharedDict {self._name!r}: a shard's index points outside its heap")
         raise ShmError(f"SharedDict {self._name!r}: unexpected status {H.STATUS_NAMES.get(r, r)}")
+
+    def _reclaim_banks(self) -> bool:
+        """Free the result banks of threads that have exited; True if any was freed.
+
+        A bank is claimed by thread id inside the kernels and never given
+        back there. The kernels that claim banks run with the GIL held, so
+        this (also under the GIL) never races with a claim.
+        """
+        live = set(threading._active) | {threading.get_ident()}
+        freed = False
+        for b in range(H.N_BANKS):
+            if self._banks[b] != 0 and int(self._banks[b]) not in live:
+                self._banks[b] = 0
+                freed = True
+        return freed
 
     def _shard(self, kb: bytes) -> int:
         if self._numeric:
@@ -745,7 +764,7 @@ class SharedDict(MutableMapping):
                     r = _INCR(self._daddr, id(kb) + BYTES_OFF, len(kb), delta)
                 if r >= 0:
                     return _I64.unpack_from(self._sbytes, r * AREA)[0]
-                if r in (H.NOTFOUND, H.WRONG_KIND, H.BUSY):
+                if r in (H.NOTFOUND, H.WRONG_KIND, H.BUSY, H.OVERFLOW):
                     break
                 self._slow_status(r, kb)
         with self._locked(self._shard(kb), freeze=True) as lk:

@@ -15,7 +15,8 @@ LINE = L.CACHE_LINE
 
 
 def test_the_layouts_we_expect_are_declared():
-    assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT"}
+    assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT",
+                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD"}
     assert LINE == 128 and L.WORD == 8
 
 
@@ -171,6 +172,13 @@ CONSTANTS = {
     "RG_": (L.RING, 0, {"TAIL": "tail", "HEAD": "head", "CAP": "cap", "SLOT": "slot", "BASE": "base",
                         "GEN": "gen"}),
     "SL_": (L.SLOT, 0, {"STAMP": "stamp", "META": "meta", "BLOB_GEN": "blob_gen", "BLOB_CAP": "blob_cap"}),
+    "DC_": (L.DICT, L.DC_BASE, {
+        "ROLES": "roles", "ROLES2": "roles2", "TOKENS": "tokens", "TOKENS2": "tokens2", "WAITERS": "waiters",
+        "WAITERS2": "waiters2", "GROWTHS": "growths", "REPAIRS": "repairs", "REAPED": "reaped"}),
+    "SE_": (L.SHARD_ENTRY, 0, {"LOCK": "lock", "GEN": "gen", "LOCK_WAITS": "lock_waits", "GROWTHS": "growths"}),
+    "SH_": (L.SHARD, L.SH_BASE, {"STATE": "state", "BUMP": "bump", "COUNT": "count", "TOMBS": "tombs",
+                                 "GARBAGE": "garbage"}),
+    "RC_": (L.RECORD, 0, {"HASH": "hash", "INFO": "info", "VALUE": "value"}),
 }
 
 
@@ -185,8 +193,33 @@ def test_no_unexplained_offset_constants():
     # A new SEG_/CH_/... constant must be added to CONSTANTS (or to the
     # non-offset list here), so it cannot drift from its layout unnoticed.
     not_offsets = {"SEG_HEADER", "SEG_INIT", "SEG_OPEN", "SEG_UNLINKED", "SEG_CLOSING", "SEG_STATE_MASK",
-                   "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE"}
+                   "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE", "DC_BASE", "DC_END", "SE_SIZE", "SH_BASE",
+                   "SH_END"}
     known = {p + c for p, (_, _, t) in CONSTANTS.items() for c in t} | not_offsets
     found = {n for n in vars(L) if n.startswith(tuple(CONSTANTS)) and isinstance(getattr(L, n), int)}
     assert found - known == set()
     assert L.CH_END == L.CH_BASE + L.CHANNEL.size
+
+
+def test_dict_layouts():
+    """The dict control segment and a shard generation: aligned, in order, non-overlapping."""
+    assert L.SH_BASE % LINE == 0 and L.SH_BASE >= L.SEG_HEADER
+    assert L.SE_SIZE == LINE                       # one shard's lock and generation per line
+    assert L.ANNOUNCE_SIZE >= 64                   # one participant's announcement per 64-byte line
+    assert L.RECORD_HEADER == 24 and L.RC_VALUE % 8 == 0
+    for n in (1, 2, 8, 64, 4096):
+        lay = L.dict_layout(n)
+        assert L.DC_END <= lay["participants"] < lay["tokens"] < lay["table"] < lay["announce"] < lay["size"]
+        assert lay["participants"] % LINE == 0 and lay["table"] % LINE == 0 and lay["announce"] % LINE == 0
+        assert lay["announce"] - lay["table"] == n * L.SE_SIZE
+        assert lay["size"] - lay["announce"] == L.MAX_PARTICIPANTS * L.ANNOUNCE_SIZE
+    for nslots, heap in ((16, 4096), (1 << 10, 1 << 16), (1 << 20, 1 << 30)):
+        lay = L.shard_layout(nslots, heap)
+        assert lay["header"] == L.SH_BASE and lay["index"] == L.SH_END
+        assert lay["heap"] >= lay["index"] + 8 * nslots and lay["heap"] % 64 == 0
+        assert lay["size"] >= lay["heap"] + heap
+    # A live index entry is (record offset / 8) << ENTRY_SHIFT | tag, and records start at heap
+    # offset HEAP_START >= 8, so a live entry is at least 1 << ENTRY_SHIFT: never EMPTY or TOMB.
+    from kernels import hashtable as H
+    assert L.ENTRY_EMPTY == 0 and L.ENTRY_TOMB == 1 and H.HEAP_START >= 8
+    assert (H.HEAP_START >> 3) << L.ENTRY_SHIFT > L.ENTRY_TOMB

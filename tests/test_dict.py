@@ -1,0 +1,357 @@
+"""SharedDict: the MutableMapping contract, dict's methods, keys, values, errors."""
+from __future__ import annotations
+
+import collections.abc
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import shm
+from shm._keys import decode_key, encode_key
+
+
+@pytest.fixture
+def d():
+    x = shm.SharedDict()
+    yield x
+    x.close()
+
+
+def test_basic_mapping(d):
+    assert isinstance(d, collections.abc.MutableMapping)
+    assert len(d) == 0 and list(d) == [] and dict(d) == {}
+    d["a"] = 1
+    d["b"] = [1, 2]
+    d["c"] = {"x": None}
+    assert d["a"] == 1 and d["b"] == [1, 2] and d["c"] == {"x": None}
+    assert len(d) == 3 and set(d) == {"a", "b", "c"}
+    assert "a" in d and "z" not in d
+    assert d.get("z") is None and d.get("z", 5) == 5
+    with pytest.raises(KeyError):
+        d["z"]
+    del d["a"]
+    with pytest.raises(KeyError):
+        del d["a"]
+    assert sorted(d.keys()) == ["b", "c"]
+    assert sorted(map(str, d.values())) == sorted(map(str, [[1, 2], {"x": None}]))
+    assert dict(d.items()) == {"b": [1, 2], "c": {"x": None}}
+    assert ("b", [1, 2]) in d.items()
+    assert d.copy() == {"b": [1, 2], "c": {"x": None}} and type(d.copy()) is dict
+    assert d == {"b": [1, 2], "c": {"x": None}} and d != {"b": 1}
+
+
+def test_dict_methods(d):
+    assert d.setdefault("k", 1) == 1 and d.setdefault("k", 2) == 1
+    assert d.pop("k") == 1 and d.pop("k", "gone") == "gone"
+    with pytest.raises(KeyError):
+        d.pop("k")
+    d.update({"a": 1}, b=2)
+    d.update([("c", 3)])
+    assert d.copy() == {"a": 1, "b": 2, "c": 3}
+    k, v = d.popitem()
+    assert k in ("a", "b", "c") and v == {"a": 1, "b": 2, "c": 3}[k] and len(d) == 2
+    d.clear()
+    assert len(d) == 0 and d.copy() == {}
+    with pytest.raises(KeyError):
+        d.popitem()
+
+
+def test_overwrites_and_types(d):
+    for v in (1, "one", 1.5, None, True, [1], {"n": 1}, b"raw", 2**64 - 1, -(2**63), 2**63 - 1):
+        d["x"] = v
+        got = d["x"]
+        assert got == v and type(got) is type(v) if not isinstance(v, tuple) else True
+    d["x"] = 5
+    d["x"] = "now a string"
+    d["x"] = 6
+    assert d["x"] == 6 and len(d) == 1
+    with pytest.raises(TypeError) as e:        # beyond what msgpack can carry: the fix is named
+        d["y"] = 2**70
+    assert "pickle" in str(e.value) and "y" not in d
+    p = shm.SharedDict(codec="pickle")
+    p["y"] = 2**70
+    assert p["y"] == 2**70
+    p.close()
+
+
+def test_canonical_keys(d):
+    d[1] = "one"
+    assert d[1.0] == "one" and d[True] == "one"
+    d[True] = "true"
+    assert d[1] == "true" and len(d) == 1
+    d[0.0] = "zero"
+    assert d[-0.0] == "zero" and d[0] == "zero" and d[False] == "zero"
+    d[2.5] = "float"
+    assert d[2.5] == "float"
+    d["1"] = "str"
+    d[b"1"] = "bytes"
+    assert d[1] == "true" and d["1"] == "str" and d[b"1"] == "bytes"
+    d[None] = "none"
+    d[(1, "a", (b"x", None))] = "tuple"
+    assert d[(1.0, "a", (b"x", None))] == "tuple"
+    d[2**100] = "big"
+    assert d[2**100] == "big"
+    d[float("nan")] = "nan"
+    assert d[float("nan")] == "nan"          # every NaN is one key
+    keys = list(d)
+    nans = [k for k in keys if isinstance(k, float) and math.isnan(k)]
+    assert len(nans) == 1
+    assert {k for k in keys if k not in nans} == {1, 0, 2.5, "1", b"1", None, (1, "a", (b"x", None)), 2**100}
+
+
+@pytest.mark.parametrize("key", ["", "é", "\ud800", b"", b"\0" * 100, 0, -1, 2**63 - 1, -(2**63), 2**64,
+                                 1.5, -1e300, None, (), ((),), ("a", 1, 2.5, None, b"b")])
+def test_key_encoding_round_trip(key):
+    assert decode_key(encode_key(key)) == key or (isinstance(key, float) and math.isnan(key))
+
+
+def test_wrong_key_types_leave_the_table_unchanged(d):
+    d["a"] = 1
+    for bad in ([1], {"a": 1}, {1}, object(), np.int64(3).tobytes().__class__ and bytearray(b"x")):
+        with pytest.raises(TypeError) as e:
+            d[bad] = 1
+        assert "SharedDict keys must be" in str(e.value)
+    with pytest.raises(TypeError):
+        d[[1]]
+    with pytest.raises(TypeError):
+        [1] in d
+    assert d.copy() == {"a": 1}
+
+
+def test_unencodable_values_leave_the_table_unchanged(d):
+    d["a"] = 1
+    with pytest.raises(TypeError) as e:
+        d["b"] = {1, 2}
+    assert "msgpack" in str(e.value) and "pickle" in str(e.value)
+    with pytest.raises(TypeError):
+        d["a"] = object()
+    assert d.copy() == {"a": 1}
+
+
+def test_pickle_codec_takes_any_object():
+    d = shm.SharedDict(codec="pickle")
+    d["s"] = {1, 2}
+    d["t"] = (1, 2)
+    d["c"] = complex(1, 2)
+    assert d["s"] == {1, 2} and d["t"] == (1, 2) and d["c"] == complex(1, 2)
+    d.close()
+
+
+def test_big_values_and_many_keys():
+    d = shm.SharedDict(shards=4)
+    big = os.urandom(5 << 20)
+    d["big"] = big
+    assert d["big"] == big
+    n = 30000
+    for i in range(n):
+        d[i] = i * 2
+    assert len(d) == n + 1 and d[n - 1] == 2 * (n - 1)
+    st = d.stats()
+    assert st.keys == n + 1 and st.growths > 4 and sum(st.per_shard_keys) == n + 1
+    # Space freed by deletes is reclaimed by compaction.
+    for i in range(n):
+        del d[i]
+    d["big"] = b"small now"
+    before = d.stats().segment_bytes
+    for i in range(2000):
+        d[f"churn{i % 10}"] = os.urandom(500)
+    after = d.stats()
+    assert after.keys == 11 and after.segment_bytes < before
+    d.close()
+
+
+def test_incr(d):
+    assert d.incr("n") == 1
+    assert d.incr("n", 10) == 11
+    assert d.incr("n", -20) == -9
+    assert d.incr("m", 5, default=100) == 105
+    d["f"] = 1.5
+    assert d.incr("f", 1) == 2.5 and d["f"] == 2.5
+    d["s"] = "text"
+    with pytest.raises(TypeError):
+        d.incr("s")
+    assert d["s"] == "text"
+    d["big"] = 2**63 - 1
+    assert d.incr("big") == 2**63        # leaves int64: stored through the codec, still exact
+    assert d["big"] == 2**63 and d.incr("big", -1) == 2**63 - 1
+
+
+def test_compare_and_set_and_alter(d):
+    d["k"] = 1
+    assert not d.compare_and_set("k", 2, 3)
+    assert d.compare_and_set("k", 1, 3) and d["k"] == 3
+    assert not d.compare_and_set("missing", None, 1) and "missing" not in d
+    assert d.alter("k", lambda v: v * 10) == 30 and d["k"] == 30
+    assert d.alter("new", lambda v: v + [1], default=[]) == [1]
+    with pytest.raises(KeyError):
+        d.alter("nothing", lambda v: v)
+    with pytest.raises(ZeroDivisionError):
+        d.alter("k", lambda v: v / 0)
+    assert d["k"] == 30
+    d["k"] = 31                          # the lock was released after the exception
+    assert d["k"] == 31
+
+
+def test_get_many_set_many(d):
+    d.set_many({"a": 1, "b": 2})
+    d.set_many([("c", 3)])
+    assert d.get_many(["a", "b", "c", "z"], default=-1) == [1, 2, 3, -1]
+
+
+def test_iteration_never_raises_while_writing(d):
+    for i in range(2000):
+        d[i] = i
+    seen = []
+    for k in d:
+        seen.append(k)
+        if k < 2000:
+            d[k + 100000] = 0            # writes (and growth) during iteration
+        assert len(seen) <= 4000         # each key at most once: the loop ends
+    assert set(range(2000)) <= set(seen)
+    assert len([k for k in seen if k < 2000]) == 2000     # the keys present throughout: exactly once
+
+
+def test_lifetime_and_errors():
+    d = shm.SharedDict(name="shmtest-d-" + os.urandom(3).hex())
+    name = d.name
+    assert name in repr(d) and "keys=0" in repr(d)
+    d["x"] = 1
+    e = shm.SharedDict.open(name)
+    assert e["x"] == 1
+    e["y"] = 2
+    assert d["y"] == 2
+    e.close()
+    with d:
+        pass
+    assert d.closed and "closed" in repr(d)
+    for op in (lambda: d["x"], lambda: d.__setitem__("x", 1), lambda: len(d), lambda: d.incr("x")):
+        with pytest.raises(shm.Closed):
+            op()
+    with pytest.raises(shm.SegmentNotFound):
+        shm.SharedDict.open(name)         # the last user left: unlinked
+    with pytest.raises(shm.SegmentNotFound):
+        shm.SharedDict.open("no-such-dict-" + os.urandom(3).hex())
+
+
+def test_wrong_kind_and_corruption():
+    tx, rx = shm.bounded(2)
+    with pytest.raises(shm.WrongKind):
+        shm.SharedDict.open(tx.name)
+    tx.close(); rx.close()
+    d = shm.SharedDict()
+    with pytest.raises(shm.WrongKind):
+        shm.Sender.open(d.name)
+    from kernels import layout as L
+    d._ctrl.u8[L.SEG_NAME] ^= 0xFF        # scribble on the header: the CRC catches it
+    with pytest.raises(shm.CorruptSegment):
+        shm.SharedDict.open(d.name)
+    d._ctrl.u8[L.SEG_NAME] ^= 0xFF
+    d.close()
+
+
+def test_pickle_round_trip_in_process(d):
+    d["a"] = 1
+    e = pickle.loads(pickle.dumps(d))
+    assert e["a"] == 1 and e.name == d.name
+    e.close()
+
+
+def test_stats(d):
+    d.update({i: "v" * i for i in range(100)})
+    st = d.stats()
+    assert st.keys == 100 and st.shards == len(st.per_shard_keys) and st.participants == 1
+    assert st.bytes_used > sum(range(100)) and st.lock_waits >= 0 and st.repairs == 0
+
+
+# --------------------------------------------------------------------------
+# Numeric mode.
+
+def test_numeric_mode_types():
+    d = shm.SharedDict(key_type="int64", value_type="int64", capacity=1000)
+    d[1] = 10
+    d[-(2**63)] = 2**63 - 1
+    assert d[1] == 10 and d[-(2**63)] == 2**63 - 1
+    assert d.incr(1, 5) == 15 and d.incr(7) == 1
+    with pytest.raises(TypeError):
+        d["str"] = 1
+    with pytest.raises(TypeError):
+        d[2] = "x"
+    with pytest.raises(TypeError):
+        d[2] = 1.5
+    assert sorted(d) == [-(2**63), 1, 7] and d.copy() == {1: 15, -(2**63): 2**63 - 1, 7: 1}
+    d.close()
+    f = shm.SharedDict(key_type="int64", value_type="float64")
+    f[3] = 1.25
+    f[4] = 2
+    assert f[3] == 1.25 and f[4] == 2.0 and type(f[4]) is float
+    f.close()
+    with pytest.raises(ValueError):
+        shm.SharedDict(key_type="int64")
+
+
+def test_numeric_mode_from_njit():
+    import numba
+    from kernels import hashtable as H
+    from kernels import layout as L
+
+    @numba.njit
+    def bump_all(desc, n, rounds):
+        for _ in range(rounds):
+            for k in range(n):
+                st, v = H.incr_i64(desc, k, 1)
+                if st != 0:
+                    return st, k
+        return 0, 0
+
+    @numba.njit
+    def fill(desc, n):
+        for k in range(n):
+            st = H.put_i64(desc, k, L.VK_I64, 0, 1000)
+            if st < 0:
+                return st, k
+        return 0, 0
+
+    @numba.njit
+    def total(desc, n):
+        s = 0
+        for k in range(n):
+            st, v = H.lookup_i64(desc, k)
+            if st != 0:
+                return -1
+            s += v
+        return s
+
+    d = shm.SharedDict(key_type="int64", value_type="int64", shards=2)
+    n = 5000
+    k0 = 0
+    while True:                            # the shards grow from Python when the kernel asks
+        st, k = fill(d.kernel(), n)
+        if st == 0:
+            break
+        assert st in (H.NEED_GROW, H.MOVED, H.UNMAPPED)
+        d.grow_for(k) if st == H.NEED_GROW else d.refresh()
+        k0 = k
+    assert k0 >= 0
+    assert bump_all(d.kernel(), n, 10) == (0, 0)
+    assert total(d.kernel(), n) == 10 * n
+    assert d[n - 1] == 10 and len(d) == n
+    d.close()
+
+
+def test_many_threads_over_time(d):
+    # Each thread takes a result bank inside the kernels; banks of threads
+    # that exited are given back, so a process can outlive many thread pools.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    d["n"] = 0
+    for _ in range(30):
+        t = threading.Thread(target=lambda: (d.incr("n"), d["n"]))
+        t.start()
+        t.join()
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(lambda i: d.incr("n") > 0 and d["n"] > 0, range(400)))
+    assert d["n"] == 30 + 400
