@@ -32,8 +32,11 @@ value is copied out), since a write after the move is not in the old one.
 *Growth, compaction and repair are one operation*: under the lock, mark the
 generation COMPACTING, wait for lock-free incrementers to leave (see below),
 copy the live records into a fresh, larger or tighter generation (dropping
-garbage and tombstones), publish its number in the shard table, mark the
-old one REPLACED. A writer killed at any instruction leaves at most an
+garbage and tombstones), mark the old one REPLACED, then publish the new
+one's number in the shard table (readers that see REPLACED wait for the
+number to change; published first, a compactor killed between the two
+stores would leave the old generation looking current to the processes
+that map it). A writer killed at any instruction leaves at most an
 unreachable record and stale counters in the current generation; whoever
 recovers its lock (``shm/dict.py``) compacts, which recounts everything
 from the index. Space freed by deletes and replaced values is reclaimed the

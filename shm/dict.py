@@ -409,8 +409,8 @@ class SharedDict(MutableMapping):
         """We hold the lock: make sure we map the current generation, and that it is sound."""
         if int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) != self._table_gen(s):
             self._map(s)
-        if _STAT(self._daddr, s, L.SH_STATE) == L.SHARD_COMPACTING:
-            # Left frozen by a holder that died (before its recovery ran): rebuild it.
+        if _STAT(self._daddr, s, L.SH_STATE) in (L.SHARD_COMPACTING, L.SHARD_REPLACED):
+            # Left mid-compaction by a holder that died (before its recovery ran): rebuild it.
             self._compact(s, 0)
             self._thaw(s)
 
@@ -430,6 +430,9 @@ class SharedDict(MutableMapping):
         """We hold the lock of a shard whose holder died: rebuild it from its index, then release."""
         try:
             self._map(s)
+            # A holder killed between publishing a generation and unlinking its
+            # predecessor left that name behind.
+            unlink_name(self._gen_name(s, int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) - 1))
             self._compact(s, 0)
             W.fetch_add(self._ctrl.w, L.DC_REPAIRS >> 3, 1)
         finally:
@@ -480,10 +483,14 @@ class SharedDict(MutableMapping):
             unlink_name(name)            # too small (the counters were stale): bigger, again
             nslots *= 2
             heap *= 2
-        # Publish the new generation, then mark the old one replaced: writes only
-        # start in the new one after we unlock, so readers of the old one miss nothing.
-        W.store(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GEN) >> 3, gen)
+        # Mark the old generation replaced, then publish the new one. Readers
+        # that see REPLACED wait in _refresh for the table to name the new
+        # generation; writes only start there after we unlock, so they miss
+        # nothing. The other order has a window: killed between the two
+        # stores, we would leave the old generation looking current to every
+        # process that maps it, and their lock-free reads stale for good.
         _SET_STATE(self._daddr, s, L.SHARD_REPLACED)
+        W.store(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GEN) >> 3, gen)
         unlink_name(self._gen_name(s, old_gen))
         W.fetch_add(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GROWTHS) >> 3, 1)
         W.fetch_add(self._ctrl.w, L.DC_GROWTHS >> 3, 1)
