@@ -433,6 +433,7 @@ def _fail_reason(e: BaseException) -> str:
     if not s:
         return type(e).__name__
     head, tail = s[0], s[-1].strip()
+    tail = tail if len(tail) <= 120 else tail[:117] + "..."     # e.g. a dump of the bytes a peer could not read
     return (head if tail == head else f"{head} ... {tail}")[:300]
 
 
