@@ -10,7 +10,7 @@ canonically, and those bytes are what is hashed and compared:
 ``b``      bytes
 ``i``      int in int64 range, 8 bytes little-endian; also bool, and any
            float with an integral value in that range (so 1 == 1.0 == True)
-``I``      larger ints, two's complement
+``I``      larger ints, two's complement; also integral floats beyond int64
 ``f``      other floats, 8 bytes IEEE 754 (every NaN is the one canonical NaN)
 ``n``      None
 ``t``      tuple: each element's encoding prefixed by its 4-byte length
@@ -57,7 +57,7 @@ def encode_key(k) -> bytes:
     if t is float:
         if math.isnan(k):
             return b"f" + _NAN
-        if k.is_integer() and _I64_MIN <= k <= _I64_MAX:
+        if k.is_integer():          # 1e20 == 10**20, as in a dict
             return _int(int(k))
         return b"f" + _F64.pack(k)
     if t is tuple:

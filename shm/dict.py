@@ -367,8 +367,9 @@ class SharedDict(MutableMapping):
         self._check()
         with self._lock:
             for s in range(self._nshards):
-                if int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) != self._table_gen(s):
-                    self._map(s)
+                if (self._segs[s] is None or int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) != self._table_gen(s)
+                        or _STAT(self._daddr, s, L.SH_STATE) == L.SHARD_REPLACED):
+                    self._refresh(s)
 
     # ------------------------------------------------------------------
     # Locks, compaction, recovery.
@@ -885,9 +886,11 @@ class SharedDict(MutableMapping):
                 self._snap = np.zeros(_pow2(-r - 100), np.uint8)
                 continue
             if r < 0:
-                with self._lock:
+                if r == H.MOVED or r == H.UNMAPPED:
+                    with self._lock:
+                        self._refresh(s)
+                else:
                     self._slow_status(r)
-                    self._refresh(s)
                 continue
             mv = memoryview(buf)
             out = []

@@ -93,13 +93,15 @@ def test_canonical_keys(d):
     d[(1, "a", (b"x", None))] = "tuple"
     assert d[(1.0, "a", (b"x", None))] == "tuple"
     d[2**100] = "big"
-    assert d[2**100] == "big"
+    assert d[2**100] == "big" and d[float(2**100)] == "big"     # 2.0**100 == 2**100, as in a dict
+    d[1e20] = "1e20"
+    assert d[10**20] == "1e20" and 10**20 in list(d)
     d[float("nan")] = "nan"
     assert d[float("nan")] == "nan"          # every NaN is one key
     keys = list(d)
     nans = [k for k in keys if isinstance(k, float) and math.isnan(k)]
     assert len(nans) == 1
-    assert {k for k in keys if k not in nans} == {1, 0, 2.5, "1", b"1", None, (1, "a", (b"x", None)), 2**100}
+    assert {k for k in keys if k not in nans} == {1, 0, 2.5, "1", b"1", None, (1, "a", (b"x", None)), 2**100, 10**20}
 
 
 @pytest.mark.parametrize("key", ["", "é", "\ud800", b"", b"\0" * 100, 0, -1, 2**63 - 1, -(2**63), 2**64,
