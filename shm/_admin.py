@@ -42,6 +42,10 @@ def _attach(name: str):
 def _participants(seg: Segment) -> list[dict]:
     from ._registry import Registry
     p = seg.params
+    if seg.kind == L.KIND_DICT:
+        reg = Registry(seg, p[L.PD_PARTICIPANTS], p[L.PD_TOKENS], (L.DC_ROLES, L.DC_ROLES2),
+                       (L.DC_TOKENS, L.DC_TOKENS2), (L.DC_WAITERS, L.DC_WAITERS2))
+        return [{"index": i, "pid": pid, "alive": alive} for i, pid, alive in reg.pids()], reg
     reg = Registry(seg, p[L.P_PARTICIPANTS], p[L.P_TOKENS], (L.CH_TX_ROLES, L.CH_RX_ROLES),
                    (L.CH_TX_TOKENS, L.CH_RX_TOKENS), (L.CH_RX_WAITERS, L.CH_TX_WAITERS))
     out = []
@@ -50,6 +54,29 @@ def _participants(seg: Segment) -> list[dict]:
         out.append({"index": idx, "pid": pid, "alive": alive,
                     "sender": bool(roles & 1), "receiver": bool(roles & 2)})
     return out, reg
+
+
+def _dict_figures(seg: Segment) -> dict:
+    """Keys per shard (read from each shard's current generation), growths, repairs."""
+    p = seg.params
+    table = p[L.PD_TABLE]
+    per_shard = []
+    for s in range(p[L.PD_SHARDS]):
+        gen = int(seg.w[(table + s * L.SE_SIZE + L.SE_GEN) >> 3])
+        g = _attach(f"{seg.family}s{s:x}g{gen:x}")
+        if g is None:
+            per_shard.append(None)
+            continue
+        try:
+            per_shard.append(int(g.w[L.SH_COUNT >> 3]))
+        finally:
+            g.close()
+    w = seg.w
+    return {"codec": {0: "bytes", 1: "msgpack", 2: "pickle", 3: "numpy"}.get(p[L.PD_CODEC], "?"),
+            "numeric": bool(p[L.PD_KEY_TYPE]), "shards": p[L.PD_SHARDS],
+            "keys": sum(n for n in per_shard if n is not None), "per_shard_keys": per_shard,
+            "growths": int(w[L.DC_GROWTHS >> 3]), "repairs": int(w[L.DC_REPAIRS >> 3]),
+            "reaped": int(w[L.DC_REAPED >> 3])}
 
 
 def _channel_figures(seg: Segment) -> dict:
@@ -96,6 +123,10 @@ def describe(name: str) -> dict | None:
             info["tokens"] = reg.live_tokens()
             info["waiting"] = {"receivers": reg.waiting_count(R.SIDE_RX), "senders": reg.waiting_count(R.SIDE_TX)}
             info.update(_channel_figures(seg))
+        elif seg.kind == L.KIND_DICT:
+            parts, reg = _participants(seg)
+            info["participants"] = parts
+            info.update(_dict_figures(seg))
         return info
     finally:
         seg.close()
@@ -121,11 +152,11 @@ def print_table(rows: list[dict]) -> None:
     if not rows:
         print("no shm segments")
         return
-    print(f"{'NAME':<28} {'KIND':<8} {'SIZE':>10}  {'OF':<22} PIDS (alive*)  DEPTH")
+    print(f"{'NAME':<28} {'KIND':<10} {'SIZE':>10}  {'OF':<22} PIDS (alive*)  DEPTH/KEYS")
     for r in rows:
         pids = " ".join(f"{p['pid']}{'*' if p['alive'] else ''}" for p in r.get("participants", []))
-        depth = r.get("depth", "")
-        print(f"{r['name']:<28} {r['kind']:<8} {r['size']:>10}  {r['of']:<22} {pids or '-':<14} {depth}")
+        depth = r.get("depth", f"{r['keys']} keys" if "keys" in r else "")
+        print(f"{r['name']:<28} {r['kind']:<10} {r['size']:>10}  {r['of']:<22} {pids or '-':<14} {depth}")
 
 
 def format_info(info: dict) -> str:
@@ -134,7 +165,7 @@ def format_info(info: dict) -> str:
         if k == "participants":
             lines.append("participants:")
             for p in v:
-                role = "+".join(x for x in ("sender", "receiver") if p[x]) or "-"
+                role = "+".join(x for x in ("sender", "receiver") if p.get(x)) or "-"
                 lines.append(f"  [{p['index']}] pid {p['pid']} {'alive' if p['alive'] else 'DEAD'} {role}")
         else:
             lines.append(f"{k}: {v}")
@@ -143,7 +174,7 @@ def format_info(info: dict) -> str:
 
 def _dead_structure(seg: Segment) -> bool:
     """No participant alive, no token in transit from a live process, no live creator mid-init."""
-    if seg.kind != L.KIND_CHANNEL:
+    if seg.kind not in (L.KIND_CHANNEL, L.KIND_DICT):
         return False
     parts, reg = _participants(seg)
     if any(p["alive"] for p in parts) or reg.live_tokens():
@@ -163,7 +194,7 @@ def gc(dry_run: bool = False) -> list[str]:
         if seg is None:
             continue
         try:
-            if seg.kind == L.KIND_CHANNEL:
+            if seg.kind in (L.KIND_CHANNEL, L.KIND_DICT):
                 if _dead_structure(seg):
                     dead_families.add(seg.family)
                     removed.append(name)
@@ -186,7 +217,7 @@ def gc(dry_run: bool = False) -> list[str]:
                     unlink_name(name)
             continue
         try:
-            if seg.kind in (L.KIND_RING, L.KIND_BLOB) and (
+            if seg.kind in (L.KIND_RING, L.KIND_BLOB, L.KIND_SHARD) and (
                     seg.family in dead_families or seg.family not in live_families):
                 removed.append(name)
                 if not dry_run:

@@ -357,6 +357,8 @@ class SharedDict(MutableMapping):
             if self._table_gen(s) != mapped or self._segs[s] is None:
                 self._map(s)
                 return
+            if _STAT(self._daddr, s, L.SH_STATE) != L.SHARD_REPLACED:
+                return      # current (we may have just repaired and remapped it ourselves)
             if time.monotonic() > deadline:
                 self._check_lock_owner(s)
                 deadline = time.monotonic() + PEER_CHECK
