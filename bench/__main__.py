@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from . import channels, dicts
 from .common import log
@@ -65,6 +66,10 @@ def main(argv=None) -> int:
     new = sorted(after - before)
     others = _mapped_elsewhere(new)
     ours = [n for n in new if n not in others]
+    if ours:            # another session's short-lived names (e.g. its semaphores) may be between uses: look again
+        time.sleep(2)
+        still = set(os.listdir("/dev/shm"))
+        ours = [n for n in ours if n in still and not _mapped_elsewhere([n])]
     log(f"/dev/shm: {len(before)} entries before, {len(after)} after; new and mapped by no other process "
         f"(left by this run): {ours[:10] if ours else 'none'}"
         + (f"; new but in use by other processes (other sessions): {len(others)}" if others else ""))
