@@ -126,9 +126,12 @@ CLOSED = -10
 _I64_MAX = np.int64(9223372036854775807)
 _I64_MIN = np.int64(-9223372036854775808)
 OVERFLOW = -11      # incr would leave the int64 range: nothing was added
+SHRINK = 2          # done (replaced or deleted), and the shard is now mostly garbage: the
+                    # caller should compact it (shm/dict.py does) so its memory goes back
+SHRINK_MIN = 1 << 20    # ...if that garbage is at least this many bytes
 STATUS_NAMES = {OK: "OK", NOTFOUND: "NOTFOUND", NEED_GROW: "NEED_GROW", BUSY: "BUSY", MOVED: "MOVED",
                 NEED_BUF: "NEED_BUF", WRONG_KIND: "WRONG_KIND", CORRUPT: "CORRUPT", UNMAPPED: "UNMAPPED",
-                NO_BANK: "NO_BANK", CLOSED: "CLOSED", OVERFLOW: "OVERFLOW"}
+                NO_BANK: "NO_BANK", CLOSED: "CLOSED", OVERFLOW: "OVERFLOW", SHRINK: "SHRINK"}
 
 MAX_LOAD_NUM = 3     # an index may be 3/4 full (live entries and tombstones)
 HEAP_START = 8       # records start past the heap's first word, so a live entry (offset/8 << 20 | tag)
@@ -488,6 +491,12 @@ def lock_owner_at(daddr, s):
 # --------------------------------------------------------------------------
 # Writes (the caller holds the shard's lock).
 
+@jit(inline="always")
+def _done(d, x, garbage):
+    """OK, or SHRINK if at least half the heap (and SHRINK_MIN bytes) is now garbage."""
+    return SHRINK if garbage >= SHRINK_MIN and 2 * garbage > d[x + S_HEAP_SIZE] else OK
+
+
 @jit
 def _store(d, s, key, koff, n, h, kind, val, voff, vlen, num):
     """Insert or replace under the lock. ``num`` is the value word of a numeric kind."""
@@ -537,8 +546,9 @@ def _store(d, s, key, koff, n, h, kind, val, voff, vlen, num):
         oinfo = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
         okind = (oinfo >> 32) & 0xFF
         old = _record_size(oinfo & 0xFFFFFFFF, okind, A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed"))
-        A.store(w, L.SH_GARBAGE >> 3, A.load(w, L.SH_GARBAGE >> 3, "relaxed") + old, "relaxed")
-        return OK
+        garbage = A.load(w, L.SH_GARBAGE >> 3, "relaxed") + old
+        A.store(w, L.SH_GARBAGE >> 3, garbage, "relaxed")
+        return _done(d, x, garbage)
     A.store(w, _entry_w(d, x, slot), entry, "release")
     if reuse:
         A.store(w, L.SH_TOMBS >> 3, tombs - 1, "relaxed")
@@ -560,19 +570,21 @@ def _delete(d, s, key, koff, n, h):
     A.store(w, _entry_w(d, x, i), L.ENTRY_TOMB, "release")
     info = A.load(w, (ro + L.RC_INFO) >> 3, "relaxed")
     size = _record_size(info & 0xFFFFFFFF, (info >> 32) & 0xFF, A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed"))
-    A.store(w, L.SH_GARBAGE >> 3, A.load(w, L.SH_GARBAGE >> 3, "relaxed") + size, "relaxed")
+    garbage = A.load(w, L.SH_GARBAGE >> 3, "relaxed") + size
+    A.store(w, L.SH_GARBAGE >> 3, garbage, "relaxed")
     A.store(w, L.SH_COUNT >> 3, A.load(w, L.SH_COUNT >> 3, "relaxed") - 1, "relaxed")
     A.store(w, L.SH_TOMBS >> 3, A.load(w, L.SH_TOMBS >> 3, "relaxed") + 1, "relaxed")
-    return OK
+    return _done(d, x, garbage)
 
 
 @jit
 def put(d, key, koff, n, kind, val, voff, vlen, num, spins):
     """Insert or replace a key, taking and releasing its shard's lock.
 
-    Returns OK (replaced), 1 (inserted), NEED_GROW, BUSY (the lock stayed
-    held for ``spins`` backoff steps), MOVED, UNMAPPED or CORRUPT. On
-    NEED_GROW and BUSY nothing was written. Usable from @njit code.
+    Returns OK (replaced), 1 (inserted), SHRINK (replaced, and the shard is
+    mostly garbage now: a hint, the write is done), NEED_GROW, BUSY (the
+    lock stayed held for ``spins`` backoff steps), MOVED, UNMAPPED or
+    CORRUPT. On NEED_GROW and BUSY nothing was written. Usable from @njit code.
     """
     h = _hash(d, key, koff, n)
     s = shard_of(d, h)
@@ -611,7 +623,7 @@ def store_locked_at(daddr, key_addr, n, kind, val_addr, vlen, num):
 
 @jit("int64(int64, int64, int64, int64)", nogil=False)
 def delete_at(daddr, key_addr, n, locked):
-    """Delete a key (taking its shard lock unless ``locked``). OK, NOTFOUND, BUSY, MOVED."""
+    """Delete a key (taking its shard lock unless ``locked``). OK, SHRINK, NOTFOUND, BUSY, MOVED."""
     d = i64_at(daddr, X_SHARDS)
     if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
         return CLOSED

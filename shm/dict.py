@@ -96,6 +96,7 @@ _unpack_i64 = _I64.unpack_from
 _OFF = BYTES_OFF
 _AMASK = H.AREA_MASK
 _VK_I64 = L.VK_I64
+_SHRINK = H.SHRINK
 _NOTFOUND = H.NOTFOUND
 _F64 = struct.Struct("<d")
 _SNAP_HEAD = struct.Struct("<IB3xq")
@@ -456,6 +457,10 @@ class SharedDict(MutableMapping):
                 deadline = time.monotonic() + PEER_CHECK
             time.sleep(0)
 
+    def _mostly_garbage(self, s: int) -> bool:
+        garbage = _STAT(self._daddr, s, L.SH_GARBAGE)
+        return garbage >= H.SHRINK_MIN and 2 * garbage > int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_HEAP_SIZE])
+
     def _thaw(self, s: int) -> None:
         if _STAT(self._daddr, s, L.SH_STATE) == L.SHARD_COMPACTING:
             _SET_STATE(self._daddr, s, L.SHARD_LIVE)
@@ -467,7 +472,9 @@ class SharedDict(MutableMapping):
         live = max(0, _STAT(self._daddr, s, L.SH_BUMP) - _STAT(self._daddr, s, L.SH_GARBAGE))
         x = H.X_SHARDS + s * H.X_STRIDE
         nslots = max(MIN_SLOTS, _pow2(2 * (count + 2)))
-        heap = max(MIN_GROWN_HEAP, _pow2(2 * (live + extra + L.RECORD_HEADER)))
+        # Twice the live records (amortised growth) plus room for the write
+        # that asked: a 64 MiB value gets a ~64 MiB heap, not a power of two above 128.
+        heap = max(MIN_GROWN_HEAP, -(-(2 * live + extra + 2 * L.RECORD_HEADER) // 4096) * 4096)
         old_gen = int(self._d[x + H.S_GEN])
         gen = old_gen + 1
         while True:
@@ -697,6 +704,8 @@ class SharedDict(MutableMapping):
             except OverflowError:       # beyond int64: through the codec
                 r = None
             if r is not None and r >= 0:
+                if r == _SHRINK:
+                    self._shrink(kb)
                 return
         else:
             try:
@@ -706,6 +715,8 @@ class SharedDict(MutableMapping):
             if type(data) is bytes:
                 r = _PUT(self._daddr, id(kb) + _OFF, len(kb), self._kind, id(data) + _OFF, len(data), 0)
                 if r >= 0:
+                    if r == _SHRINK:
+                        self._shrink(kb)
                     return
         self._set_slow(key, kb, value)
 
@@ -718,6 +729,8 @@ class SharedDict(MutableMapping):
             else:
                 r = _PUT(self._daddr, id(kb) + _OFF, len(kb), kind, id(data) + _OFF, len(data), 0)
             if r >= 0:
+                if r == _SHRINK:
+                    self._shrink(kb)
                 return
             if r == H.BUSY or r == H.NEED_GROW:
                 with self._locked(self._shard(kb)) as lk:
@@ -737,12 +750,21 @@ class SharedDict(MutableMapping):
             r = _DELETE(self._daddr, id(kb) + BYTES_OFF, len(kb), 0)
             if r == H.OK:
                 return True
+            if r == _SHRINK:
+                self._shrink(kb)
+                return True
             if r == H.NOTFOUND:
                 return False
             if r == H.BUSY:
                 with self._locked(self._shard(kb)) as lk:
                     return lk.delete(kb)
             self._slow_status(r, kb)
+
+    def _shrink(self, kb: bytes) -> None:
+        """Compact ``kb``'s shard if it is still mostly garbage (after a SHRINK hint)."""
+        s = self._shard(kb)
+        with self._locked(s) as lk:
+            lk.shrink = True
 
     def set_many(self, mapping) -> None:
         """``d[k] = v`` for every item (each write atomic on its own)."""
@@ -1068,6 +1090,7 @@ class _ShardLock:
 
     def __init__(self, d: SharedDict, s: int, freeze: bool):
         self.d, self.s, self.freeze = d, s, freeze
+        self.shrink = False         # a write said SHRINK: compact on the way out
 
     def __enter__(self):
         d = self.d
@@ -1085,9 +1108,13 @@ class _ShardLock:
     def __exit__(self, *exc):
         d = self.d
         try:
-            if self.freeze:
-                d._thaw(self.s)
-            d._release(self.s)
+            try:
+                if self.shrink and d._mostly_garbage(self.s):
+                    d._compact(self.s, 0)
+            finally:
+                if self.freeze or self.shrink:
+                    d._thaw(self.s)
+                d._release(self.s)
         finally:
             d._lock.release()
 
@@ -1105,6 +1132,7 @@ class _ShardLock:
                 r = _STORE_LOCKED(d._daddr, id(kb) + BYTES_OFF, len(kb), kind, id(data) + BYTES_OFF,
                                   len(data), 0)
             if r >= 0:
+                self.shrink |= r == _SHRINK
                 return
             if r == H.NEED_GROW:
                 self.compact(len(kb) + (len(data) if data is not None else 0) + 64)
@@ -1118,7 +1146,8 @@ class _ShardLock:
         d = self.d
         while True:
             r = _DELETE(d._daddr, id(kb) + BYTES_OFF, len(kb), 1)
-            if r == H.OK:
+            if r == H.OK or r == _SHRINK:
+                self.shrink |= r == _SHRINK
                 return True
             if r == H.NOTFOUND:
                 return False
@@ -1129,6 +1158,7 @@ class _ShardLock:
 
     def compact(self, extra: int = 0) -> None:
         self.d._compact(self.s, extra)
+        self.shrink = False
         if self.freeze:
             self.d._freeze(self.s)      # the new generation: keep increments out until we leave
 

@@ -121,8 +121,10 @@ def chaos_writer(d, wid: int, seed: int):
     """
     import random
     rng = random.Random(seed)
-    n = d.get(("last", wid), 0)
-    a = d.get(("alast", wid), 0)
+    # A predecessor killed between an incr and its record left the counter
+    # one ahead: acknowledge that first, so the invariant holds across kills.
+    d[("last", wid)] = d.get(("c", wid), 0)
+    d[("alast", wid)] = d.get(("a", wid), 0)
     i = 0
     while True:
         i += 1

@@ -357,3 +357,27 @@ def test_many_threads_over_time(d):
     with ThreadPoolExecutor(16) as pool:
         assert all(pool.map(lambda i: d.incr("n") > 0 and d["n"] > 0, range(400)))
     assert d["n"] == 30 + 400
+
+
+def test_memory_follows_the_data():
+    # A big value costs about its size (not a power of two above twice it),
+    # and replacing or deleting it gives the memory back.
+    d = shm.SharedDict(shards=1)
+    base = d.stats().segment_bytes
+    d["v"] = b"x" * (64 << 20)
+    assert len(d["v"]) == 64 << 20
+    assert d.stats().segment_bytes < (64 << 20) * 1.2
+    d["v"] = 1
+    assert d["v"] == 1 and d.stats().segment_bytes < base + (1 << 20)
+    for i in range(40):
+        d[i] = b"y" * 100_000
+    grown = d.stats().segment_bytes
+    for i in range(40):
+        del d[i]
+    # Garbage is compacted away once it is half the heap and over 1 MiB.
+    assert len(d) == 1 and grown > 4_000_000 and d.stats().segment_bytes < base + (2 << 20)
+    # Many small keys: a small constant per key over their bytes.
+    for i in range(100_000):
+        d[f"key{i:07d}"] = i
+    assert d.stats().segment_bytes / 100_000 < 160
+    d.close()
