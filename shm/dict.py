@@ -107,7 +107,7 @@ MIN_SLOTS = 16
 MIN_HEAP = 4096               # a new dict's shards start this small...
 MIN_GROWN_HEAP = 64 << 10     # ...and a compacted shard never gets less (fewer compactions)
 SPIN = 10                     # backoff steps spent spinning on a shard lock before parking
-KEY_CACHE = 4096              # encoded str keys remembered per handle
+KEY_CACHE = 1 << 15           # encoded str keys remembered per handle (cleared when full)
 _KEY_TYPES = {None: 0, "any": 0, "int64": 1}
 _VALUE_TYPES = {None: 0, "any": 0, "int64": 1, "float64": 2}
 
