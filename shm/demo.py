@@ -5,6 +5,8 @@ score them, a sink adds the scores up. The same program runs twice: over
 shm channels, then over ``multiprocessing.Queue`` (with sentinels, since
 queues have no disconnection), and the demo prints what each did and how
 fast. Messages are dict-shaped Python objects, as a real pipeline's are.
+Then worker processes share counters and state through a ``SharedDict``,
+and the same through a ``Manager().dict()`` (``shm/_demo_dict.py``).
 """
 from __future__ import annotations
 
@@ -172,15 +174,11 @@ def main(argv=None) -> int:
         print(f"  {label}: {base / dt:.1f}x multiprocessing.Queue")
     print("\n  Each record crossed two channels (source -> worker -> sink), so every process")
     print("  sent or received each record once; nothing went through a pipe or a manager process.")
-    try:
-        from . import _demo_dict
-    except ImportError:
-        pass
-    else:
-        _demo_dict.main(n)
+    from . import _demo_dict
+    dict_ok = _demo_dict.main(n)
     left = [x for x in os.listdir("/dev/shm") if x.startswith("shm_")] if os.path.isdir("/dev/shm") else []
     print(f"\n  shared memory left behind: {len(left)} segments")
-    return 0 if all(ok for _, _, ok in rows) else 1
+    return 0 if all(ok for _, _, ok in rows) and dict_ok else 1
 
 
 if __name__ == "__main__":

@@ -190,3 +190,16 @@ def test_kill_writers_at_random():
         _report.add("dict kills survived", kills)
         _report.add("dict values checked after kills", checked)
         d.unlink()
+
+
+def test_demo_shared_dict_part():
+    """The shared-dict half of `make demo` counts exactly, on both backends."""
+    from shm import _demo_dict
+    with shm.SharedDict() as d:
+        counted, _, ok = _demo_dict._run(d, 2000)
+        assert ok and counted == 2000 * _demo_dict.WORKERS
+        assert {d[f"progress:{w}"] for w in range(_demo_dict.WORKERS)} == {3998, 3999}
+        d.unlink()
+    with mp.Manager() as m:
+        counted, _, ok = _demo_dict._run(m.dict(), 200, m.Lock())
+        assert ok and counted == 400
