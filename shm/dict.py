@@ -1112,8 +1112,9 @@ class _ShardLock:
                 if self.shrink and d._mostly_garbage(self.s):
                     d._compact(self.s, 0)
             finally:
-                if self.freeze or self.shrink:
-                    d._thaw(self.s)
+                # Always: a compaction that failed (a full /dev/shm) must not
+                # leave the shard frozen to lock-free increments.
+                d._thaw(self.s)
                 d._release(self.s)
         finally:
             d._lock.release()

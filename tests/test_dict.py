@@ -381,3 +381,28 @@ def test_memory_follows_the_data():
         d[f"key{i:07d}"] = i
     assert d.stats().segment_bytes / 100_000 < 160
     d.close()
+
+
+def test_out_of_shared_memory_leaves_the_dict_usable():
+    st = os.statvfs("/dev/shm")
+    too_big = st.f_blocks * st.f_frsize + 2**30
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(shm.OutOfSharedMemory) as e:
+        shm.SharedDict(capacity=too_big // 8)
+    assert "--shm-size" in str(e.value)
+    assert set(os.listdir("/dev/shm")) == before            # nothing left behind
+    d = shm.SharedDict(shards=1)
+    d["n"] = 1
+    d["s"] = "x"
+    with pytest.raises(shm.OutOfSharedMemory):
+        with d._locked(0) as lk:
+            lk.compact(too_big)                              # a growth /dev/shm cannot hold
+    from kernels import layout as L
+    from shm import dict as D
+    assert D._STAT(d._daddr, 0, L.SH_STATE) == L.SHARD_LIVE  # not left frozen to lock-free incr
+    assert d.copy() == {"n": 1, "s": "x"}
+    assert d.incr("n") == 2
+    d["t"] = "y"
+    del d["s"]
+    assert d.copy() == {"n": 2, "t": "y"}
+    d.close()
