@@ -492,9 +492,13 @@ def lock_owner_at(daddr, s):
 # Writes (the caller holds the shard's lock).
 
 @jit(inline="always")
-def _done(d, x, garbage):
-    """OK, or SHRINK if at least half the heap (and SHRINK_MIN bytes) is now garbage."""
-    return SHRINK if garbage >= SHRINK_MIN and 2 * garbage > d[x + S_HEAP_SIZE] else OK
+def _done(w, garbage):
+    """OK, or SHRINK if over half the heap in use (and SHRINK_MIN bytes) is now garbage.
+
+    Measured against the bytes in use, not the heap's size: a compacted heap
+    has room for as much again, so deletes alone could never reach half of it.
+    """
+    return SHRINK if garbage >= SHRINK_MIN and 2 * garbage > A.load(w, L.SH_BUMP >> 3, "relaxed") else OK
 
 
 @jit
@@ -548,7 +552,7 @@ def _store(d, s, key, koff, n, h, kind, val, voff, vlen, num):
         old = _record_size(oinfo & 0xFFFFFFFF, okind, A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed"))
         garbage = A.load(w, L.SH_GARBAGE >> 3, "relaxed") + old
         A.store(w, L.SH_GARBAGE >> 3, garbage, "relaxed")
-        return _done(d, x, garbage)
+        return _done(w, garbage)
     A.store(w, _entry_w(d, x, slot), entry, "release")
     if reuse:
         A.store(w, L.SH_TOMBS >> 3, tombs - 1, "relaxed")
@@ -574,7 +578,7 @@ def _delete(d, s, key, koff, n, h):
     A.store(w, L.SH_GARBAGE >> 3, garbage, "relaxed")
     A.store(w, L.SH_COUNT >> 3, A.load(w, L.SH_COUNT >> 3, "relaxed") - 1, "relaxed")
     A.store(w, L.SH_TOMBS >> 3, A.load(w, L.SH_TOMBS >> 3, "relaxed") + 1, "relaxed")
-    return _done(d, x, garbage)
+    return _done(w, garbage)
 
 
 @jit
@@ -777,6 +781,24 @@ def set_state_at(daddr, s, state):
     return A.exchange(w, L.SH_STATE >> 3, state, "seq_cst")
 
 
+@jit("int64(int64, int64, int64)", nogil=False)
+def publish_at(daddr, s, gen):
+    """Mark the mapped generation REPLACED, then name ``gen`` in the shard table.
+
+    One kernel call, so no Python-level exception (KeyboardInterrupt) can
+    land between the two stores; a SIGKILL there is recovered by whoever
+    takes the lock next (``shm/dict.py``). seq_cst: a reader that sees the
+    new number (acquire) also sees REPLACED on the old generation.
+    """
+    d = i64_at(daddr, X_SHARDS)
+    d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    x = _sx(s)
+    w = i64_at(d[x + S_ADDR], d[x + S_SIZE] >> 3)
+    A.exchange(w, L.SH_STATE >> 3, L.SHARD_REPLACED, "seq_cst")
+    A.store(_ctrl(d), (d[X_TABLE] + s * L.SE_SIZE + L.SE_GEN) >> 3, gen, "seq_cst")
+    return OK
+
+
 # --------------------------------------------------------------------------
 # Compaction (growth, shrinking, repair): old generation -> new generation.
 
@@ -846,8 +868,10 @@ def compact_at(daddr, s, new_addr, new_size, nslots, index_off, heap_off, heap_s
 
 @jit("int64(int64, int64, int64)", nogil=False)
 def shard_stat_at(daddr, s, field_off):
-    """A word of shard ``s``'s mapped generation header (SH_*), or MOVED."""
+    """A word of shard ``s``'s mapped generation header (SH_*), or UNMAPPED/CLOSED."""
     d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
     if not _mapped(d, s):
         return UNMAPPED
@@ -869,6 +893,8 @@ def snapshot_at(daddr, s, dst_addr, cap, with_values):
     exactly once; keys written during it may or may not be.
     """
     d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
     if not _mapped(d, s):
         return UNMAPPED
@@ -1041,7 +1067,9 @@ def put_i64(d, key, kind, num, spins):
 
     Takes the shard lock (spinning up to ``spins`` steps: BUSY if it stays
     taken). Returns OK/1 (replaced/inserted), NEED_GROW (return to Python:
-    the dict's ``refresh()`` grows the shard), BUSY, MOVED or UNMAPPED.
+    the dict's ``grow_for(key)`` grows the shard), BUSY (retry, or do this
+    put from Python, which waits for the lock and recovers a dead holder's),
+    MOVED or UNMAPPED (the dict's ``refresh()``).
     """
     h = hash_i64(key)
     s = shard_of(d, h)

@@ -82,6 +82,7 @@ _LOCK_OWNER = _entry(H.lock_owner_at)
 _ANNOUNCER = _entry(H.announcer_at)
 _CLEAR_ANNOUNCE = _entry(H.clear_announce_at)
 _SET_STATE = _entry(H.set_state_at)
+_PUBLISH = _entry(H.publish_at)
 _COMPACT = _entry(H.compact_at)
 _STAT = _entry(H.shard_stat_at)
 _SNAPSHOT = _entry(H.snapshot_at)
@@ -358,15 +359,23 @@ class SharedDict(MutableMapping):
             if self._table_gen(s) != mapped or self._segs[s] is None:
                 self._map(s)
                 return
-            if _STAT(self._daddr, s, L.SH_STATE) != L.SHARD_REPLACED:
+            st = _STAT(self._daddr, s, L.SH_STATE)
+            if st == H.CLOSED:
+                raise Closed(f"SharedDict {self._name!r} was closed")
+            if st != L.SHARD_REPLACED:
                 return      # current (we may have just repaired and remapped it ourselves)
             if time.monotonic() > deadline:
                 self._check_lock_owner(s)
+                if _LOCK_OWNER(self._daddr, s) < 0 and self._table_gen(s) == mapped:
+                    # Marked REPLACED, never published, and nobody holds the
+                    # lock: its compactor is gone. Taking the lock rebuilds it.
+                    with self._locked(s):
+                        pass
                 deadline = time.monotonic() + PEER_CHECK
             time.sleep(0.0001)
 
     def refresh(self) -> None:
-        """Map every shard's current generation (after a numeric @njit call returned MOVED/NEED_GROW)."""
+        """Map every shard's current generation (after a numeric @njit call returned MOVED or UNMAPPED)."""
         self._check()
         with self._lock:
             for s in range(self._nshards):
@@ -410,13 +419,35 @@ class SharedDict(MutableMapping):
                     self._repair(s)
 
     def _after_acquire(self, s: int) -> None:
-        """We hold the lock: make sure we map the current generation, and that it is sound."""
-        if int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) != self._table_gen(s):
-            self._map(s)
-        if _STAT(self._daddr, s, L.SH_STATE) in (L.SHARD_COMPACTING, L.SHARD_REPLACED):
-            # Left mid-compaction by a holder that died (before its recovery ran): rebuild it.
+        """We hold the lock: make sure we map the current generation, and that it is sound.
+
+        On any failure (a full /dev/shm for the rebuild, a corrupt segment,
+        KeyboardInterrupt) the lock is released, never kept by a live process.
+        """
+        try:
+            if int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) != self._table_gen(s):
+                self._map(s)
+            if _STAT(self._daddr, s, L.SH_STATE) in (L.SHARD_COMPACTING, L.SHARD_REPLACED):
+                # Left mid-compaction by a holder that died (before its recovery ran): rebuild it.
+                self._rebuild(s)
+        except BaseException:
+            self._release(s)
+            raise
+
+    def _rebuild(self, s: int) -> None:
+        """Compact shard ``s`` (locked) from its index; if that fails, make the old generation live again.
+
+        The old generation is sound whatever step its last holder died at
+        (at most an unreachable record and stale counters), so serving it is
+        safe; the next holder tries the rebuild again.
+        """
+        try:
             self._compact(s, 0)
-            self._thaw(s)
+        except BaseException:
+            if int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) == self._table_gen(s):
+                _SET_STATE(self._daddr, s, L.SHARD_LIVE)
+            raise
+        self._thaw(s)
 
     def _release(self, s: int) -> None:
         _UNLOCK(self._daddr, s)
@@ -431,14 +462,21 @@ class SharedDict(MutableMapping):
                 self._repair(s)
 
     def _repair(self, s: int) -> None:
-        """We hold the lock of a shard whose holder died: rebuild it from its index, then release."""
+        """We hold the lock of a shard whose holder died: rebuild it from its index, then release.
+
+        Never raises: it runs inside a registry sweep, which must finish
+        reaping. A rebuild that fails leaves the old generation live (see
+        ``_rebuild``); the next lock holder tries again.
+        """
         try:
             self._map(s)
             # A holder killed between publishing a generation and unlinking its
             # predecessor left that name behind.
             unlink_name(self._gen_name(s, int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_GEN]) - 1))
-            self._compact(s, 0)
+            self._rebuild(s)
             W.fetch_add(self._ctrl.w, L.DC_REPAIRS >> 3, 1)
+        except Exception:
+            pass
         finally:
             self._release(s)
 
@@ -459,7 +497,7 @@ class SharedDict(MutableMapping):
 
     def _mostly_garbage(self, s: int) -> bool:
         garbage = _STAT(self._daddr, s, L.SH_GARBAGE)
-        return garbage >= H.SHRINK_MIN and 2 * garbage > int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_HEAP_SIZE])
+        return garbage >= H.SHRINK_MIN and 2 * garbage > _STAT(self._daddr, s, L.SH_BUMP)
 
     def _thaw(self, s: int) -> None:
         if _STAT(self._daddr, s, L.SH_STATE) == L.SHARD_COMPACTING:
@@ -499,8 +537,7 @@ class SharedDict(MutableMapping):
         # nothing. The other order has a window: killed between the two
         # stores, we would leave the old generation looking current to every
         # process that maps it, and their lock-free reads stale for good.
-        _SET_STATE(self._daddr, s, L.SHARD_REPLACED)
-        W.store(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GEN) >> 3, gen)
+        _PUBLISH(self._daddr, s, gen)      # both stores in one kernel call
         unlink_name(self._gen_name(s, old_gen))
         W.fetch_add(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GROWTHS) >> 3, 1)
         W.fetch_add(self._ctrl.w, L.DC_GROWTHS >> 3, 1)
@@ -605,6 +642,8 @@ class SharedDict(MutableMapping):
 
     def _slow_status(self, r: int, kb: bytes | None = None) -> None:
         """Handle a status that is not an answer: remap, or raise."""
+        if self._closed or r == H.CLOSED:
+            raise Closed(f"SharedDict {self._name!r} was closed")
         if r == H.MOVED or r == H.UNMAPPED:
             with self._lock:
                 s = self._shard(kb) if kb is not None else None
@@ -910,7 +949,7 @@ class SharedDict(MutableMapping):
                 self._snap = np.zeros(_pow2(-r - 100), np.uint8)
                 continue
             if r < 0:
-                if r == H.MOVED or r == H.UNMAPPED:
+                if (r == H.MOVED or r == H.UNMAPPED) and not self._closed:
                     with self._lock:
                         self._refresh(s)
                 else:
@@ -981,8 +1020,9 @@ class SharedDict(MutableMapping):
         """The descriptor for ``kernels.hashtable.lookup_i64/put_i64/incr_i64`` in your @njit code.
 
         Numeric mode only. Take it in the process that uses it; after a
-        kernel returns MOVED, UNMAPPED or NEED_GROW, call ``refresh()`` (or
-        ``d[key] = value`` from Python, which grows the shard) and retry.
+        kernel returns MOVED or UNMAPPED, call ``refresh()``; after
+        NEED_GROW, ``grow_for(key)``; after NOTFOUND from ``incr_i64``,
+        ``incr(key)`` from Python inserts the key; then retry.
         """
         self._check()
         if not self._numeric:
@@ -1069,6 +1109,8 @@ class SharedDict(MutableMapping):
         self._me = -1
         self._d[H.X_CTRL_SIZE] = 0
         self._d[H.X_ME] = -1
+        for s in range(self._nshards):
+            self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_ADDR] = 0      # kernels: UNMAPPED, never a stale address
         if last:
             _unlink_all(self._name, self._family)
         for seg in self._segs:
@@ -1102,7 +1144,13 @@ class _ShardLock:
             d._lock.release()
             raise
         if self.freeze:
-            d._freeze(self.s)
+            try:
+                d._freeze(self.s)
+            except BaseException:       # KeyboardInterrupt while waiting out an incrementer
+                d._thaw(self.s)
+                d._release(self.s)
+                d._lock.release()
+                raise
         return self
 
     def __exit__(self, *exc):
@@ -1111,6 +1159,8 @@ class _ShardLock:
             try:
                 if self.shrink and d._mostly_garbage(self.s):
                     d._compact(self.s, 0)
+            except Exception:
+                pass        # SHRINK is a hint and the write is done: never fail it (a full /dev/shm)
             finally:
                 # Always: a compaction that failed (a full /dev/shm) must not
                 # leave the shard frozen to lock-free increments.

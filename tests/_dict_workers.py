@@ -84,8 +84,8 @@ def kill_at(d, point: str, start: int):
 
     The points: "frozen" (generation marked COMPACTING, the new one made, not
     yet filled), "copied" (filled, not published), "replaced" (old one marked
-    REPLACED, new one not yet published), "published" (new one published, old
-    name not yet unlinked).
+    REPLACED, new one not yet published: inside publish_at), "published" (new
+    one published, old name not yet unlinked).
     """
     import shm.dict as D
     from kernels import layout as L
@@ -96,8 +96,8 @@ def kill_at(d, point: str, start: int):
     elif point == "copied":
         D._COMPACT = lambda *a: (real_compact(*a), die())[0]
     elif point == "replaced":
-        D._SET_STATE = lambda daddr, s, st: (real_state(daddr, s, st),
-                                             die() if st == L.SHARD_REPLACED else None)[0]
+        # publish_at's first store, then death: what a SIGKILL between its two stores leaves.
+        D._PUBLISH = lambda daddr, s, gen: (real_state(daddr, s, L.SHARD_REPLACED), die())
     elif point == "published":
         def unlink(name):
             if any(name == d._gen_name(s, d._table_gen(s) - 1) for s in range(d._nshards)):

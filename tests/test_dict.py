@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import collections.abc
+import errno
 import math
 import os
+import signal
 import pickle
 
 import numpy as np
@@ -405,4 +407,63 @@ def test_out_of_shared_memory_leaves_the_dict_usable():
     d["t"] = "y"
     del d["s"]
     assert d.copy() == {"n": 2, "t": "y"}
+    d.close()
+
+
+def test_iterating_after_close_raises_closed():
+    d = shm.SharedDict(shards=2)
+    d.update({i: i for i in range(10)})
+    it = iter(d)
+    next(it)
+    d.close()
+    with pytest.raises(shm.Closed):
+        list(it)                      # never a read of unmapped memory
+    with pytest.raises(shm.Closed):
+        len(d)
+
+
+def test_deletes_alone_give_memory_back():
+    d = shm.SharedDict(shards=1)
+    for i in range(60):
+        d[i] = b"y" * 100_000
+    full = d.stats().segment_bytes
+    for i in range(60):
+        del d[i]
+    assert len(d) == 0 and full > 6_000_000 and d.stats().segment_bytes < 1_500_000
+    d.close()
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _hold_lock_and_die(d):
+    with d._locked(0, freeze=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_full_dev_shm_during_recovery_and_shrink(monkeypatch):
+    # /dev/shm full (posix_fallocate fails) exactly when a dead holder's
+    # shard needs rebuilding, or a SHRINK hint wants compacting: writes still
+    # succeed on the old generation, nothing is reported failed that was done,
+    # and no lock stays held.
+    import multiprocessing as mp
+    d = shm.SharedDict(shards=1)
+    for i in range(40):
+        d[i] = b"y" * 100_000
+    p = mp.get_context("fork").Process(target=_hold_lock_and_die, args=(d,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    monkeypatch.setattr(os, "posix_fallocate", _enospc)
+    d["k"] = 2                               # recovers the dead holder's lock; the rebuild fails quietly
+    assert d.pop("k") == 2 and "k" not in d
+    for i in range(40):
+        del d[i]                             # each may say SHRINK; the compaction fails quietly
+    assert len(d) == 0 and d.incr("n") == 1
+    monkeypatch.undo()
+    d["after"] = 1                           # space is back: the next growth or shrink works
+    for i in range(40):
+        d[("x", i)] = b"z" * 100_000
+    assert len(d) == 42
     d.close()
