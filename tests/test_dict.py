@@ -467,3 +467,18 @@ def test_full_dev_shm_during_recovery_and_shrink(monkeypatch):
         d[("x", i)] = b"z" * 100_000
     assert len(d) == 42
     d.close()
+
+
+def test_a_million_keys():
+    # From empty to a million keys, growing online; memory stays a small
+    # constant per key over the key and value bytes.
+    n = 1_000_000
+    d = shm.SharedDict()
+    for i in range(n):
+        d[f"k{i}"] = i
+    assert len(d) == n and d["k0"] == 0 and d[f"k{n - 1}"] == n - 1
+    assert sum(1 for _ in d) == n
+    st = d.stats()
+    assert st.keys == n and st.growths >= 3 * st.shards
+    assert st.segment_bytes / n < 160, f"{st.segment_bytes / n:.0f} bytes per key"
+    d.close()
