@@ -13,13 +13,21 @@ process in the way.
 See README.md for the tour.
 """
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
-from .dict import DictStats, SharedDict
 from .queues import JoinableQueue, Queue, SimpleQueue
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
                      SegmentExists, SegmentNotFound, ShmError, TooManyParticipants, WrongKind)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # SharedDict's kernels are compiled (first run) or loaded (cached) when
+    # it is first used, so a program that only uses channels never pays for them.
+    if name in ("SharedDict", "DictStats"):
+        from . import dict as _dict
+        return getattr(_dict, name)
+    raise AttributeError(f"module 'shm' has no attribute {name!r}")
 
 __all__ = [
     "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
