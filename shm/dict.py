@@ -506,9 +506,12 @@ class SharedDict(MutableMapping):
     def _compact(self, s: int, extra: int) -> None:
         """Move shard ``s`` (locked) to a new generation sized for its live data plus ``extra`` bytes."""
         self._freeze(s)
-        count = max(0, _STAT(self._daddr, s, L.SH_COUNT))
-        live = max(0, _STAT(self._daddr, s, L.SH_BUMP) - _STAT(self._daddr, s, L.SH_GARBAGE))
         x = H.X_SHARDS + s * H.X_STRIDE
+        # Counters are hints (a killed writer leaves them stale, damage can
+        # make them absurd): the copy never needs more than the old index and heap.
+        count = min(max(0, _STAT(self._daddr, s, L.SH_COUNT)), int(self._d[x + H.S_NSLOTS]))
+        live = min(max(0, _STAT(self._daddr, s, L.SH_BUMP) - _STAT(self._daddr, s, L.SH_GARBAGE)),
+                   int(self._d[x + H.S_HEAP_SIZE]))
         nslots = max(MIN_SLOTS, _pow2(2 * (count + 2)))
         # Twice the live records (amortised growth) plus room for the write
         # that asked: a 64 MiB value gets a ~64 MiB heap, not a power of two above 128.
@@ -968,7 +971,11 @@ class SharedDict(MutableMapping):
             return out
 
     def _decode_key(self, kb: bytes):
-        return _I64.unpack(kb)[0] if self._numeric else decode_key(kb)
+        try:
+            return _I64.unpack(kb)[0] if self._numeric else decode_key(kb)
+        except Exception:       # ValueError, UnicodeDecodeError, struct.error: damaged memory
+            raise CorruptSegment(f"SharedDict {self._name!r}: a stored key is damaged ({kb[:16]!r}); "
+                                 "the dict's shared memory was overwritten") from None
 
     def __iter__(self):
         self._check()
@@ -995,8 +1002,12 @@ class SharedDict(MutableMapping):
         for s in range(self._nshards):
             while True:
                 n = _STAT(self._daddr, s, L.SH_COUNT)
-                if _STAT(self._daddr, s, L.SH_STATE) != L.SHARD_REPLACED and n >= 0:
-                    total += n
+                st = _STAT(self._daddr, s, L.SH_STATE)
+                if n == H.CLOSED or st == H.CLOSED:
+                    raise Closed(f"SharedDict {self._name!r} was closed")
+                if st != L.SHARD_REPLACED:
+                    # Clamped to the index: a damaged counter never yields an absurd length.
+                    total += min(max(n, 0), int(self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_NSLOTS]))
                     break
                 with self._lock:
                     self._refresh(s)
