@@ -1033,7 +1033,9 @@ class SharedDict(MutableMapping):
         Numeric mode only. Take it in the process that uses it; after a
         kernel returns MOVED or UNMAPPED, call ``refresh()``; after
         NEED_GROW, ``grow_for(key)``; after NOTFOUND from ``incr_i64``,
-        ``incr(key)`` from Python inserts the key; then retry.
+        ``incr(key)`` from Python inserts the key; then retry. One thread
+        per handle at a time: a handle announces its lock-free increments
+        in one slot (give each thread its own ``SharedDict.open(name)``).
         """
         self._check()
         if not self._numeric:
