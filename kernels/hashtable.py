@@ -1122,6 +1122,35 @@ def incr_i64(d, key, delta):
             return OK, old + delta
 
 
+@jit
+def add_i64(d, key, delta, spins):
+    """Numeric mode: ``incr_i64`` that inserts a missing key (as ``delta``).
+
+    An existing key takes the lock-free path; a missing one is inserted
+    under the shard lock (spinning up to ``spins`` steps), after checking
+    again that no other process inserted it meanwhile. Returns ``(status,
+    new value)``: OK, BUSY (the lock stayed held: retry, or call the dict's
+    ``incr`` from Python, which waits and recovers a dead holder's lock),
+    NEED_GROW (``grow_for(key)``), OVERFLOW, WRONG_KIND, MOVED, UNMAPPED.
+    """
+    st, v = incr_i64(d, key, delta)
+    if st != NOTFOUND:
+        return st, v
+    h = hash_i64(key)
+    s = shard_of(d, h)
+    if not try_lock(d, s, spins):
+        return BUSY, 0
+    i, e, ro = _find_i64(d, s, key, h)
+    if i >= 0:
+        unlock(d, s)                # inserted meanwhile: add to it, lock-free
+        return incr_i64(d, key, delta)
+    r = _store_i64(d, s, key, h, L.VK_I64, delta)
+    unlock(d, s)
+    if r < 0:
+        return r, 0
+    return OK, delta
+
+
 @jit(inline="always")
 def _full(daddr):
     d = i64_at(daddr, X_SHARDS)
