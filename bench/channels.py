@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import peers as P
-from .common import (REPO, ForeignLoad, LoadSampler, QuietGate, RunError, ShmWatch, Unavailable,
-                     calibrate, elapsed, fmt_rate, log, machine, median, now, run_roles)
+from .common import (REPO, ForeignLoad, LoadSampler, QuietGate, RunError, SampleStats, ShmWatch, Unavailable,
+                     best_ns, calibrate, elapsed, fmt_rate, log, machine, median, now, results_dir, run_info,
+                     run_roles, select_cases)
 
 KiB, MiB = 1 << 10, 1 << 20
 RUN_TIMEOUT = 60.0
@@ -368,20 +369,13 @@ class Case:
 
 
 @dataclass
-class Row:
+class Row(SampleStats):
     peer: P.Peer
     status: str = "ok"          # ok | unavailable | error
     reason: str = ""
     n: int = 0
     samples: list = field(default_factory=list)   # dicts of metrics per measured run
     extra: dict = field(default_factory=dict)
-
-    def med(self, metric):
-        return median([s[metric] for s in self.samples if metric in s])
-
-    def span(self, metric):
-        xs = [s[metric] for s in self.samples if metric in s]
-        return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
 
 
 def all_peers():
@@ -668,13 +662,6 @@ def judge(cases: dict) -> list[dict]:
 # --------------------------------------------------------------------------
 # Where shm's time goes (single process, no contention) and a profiled 1 -> 1 run.
 
-def _ns_per(fn, k, reps=5):
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn()
-        best = min(best, (time.perf_counter_ns() - t) / k)
-    return best
 
 
 def breakdown(watch: ShmWatch, cases: dict) -> dict:
@@ -723,7 +710,7 @@ def breakdown(watch: ShmWatch, cases: dict) -> dict:
         out[f"send_many 64 B, per message (batches of {P.BATCH})"] = min(sm)
         out[f"recv_many 64 B, per message (batches of {P.BATCH})"] = min(rm)
         bc = get_codec("bytes")
-        out["bytes codec encode + decode"] = _ns_per(lambda: [bc.decode(0, bc.encode(payload)) for _ in range(K)], K)
+        out["bytes codec encode + decode"] = best_ns(lambda: [bc.decode(0, bc.encode(payload)) for _ in range(K)], K)
         sendo, recvo = txo.send, rxo.recv
         so, ro = [], []
         for _ in range(20):
@@ -739,10 +726,10 @@ def breakdown(watch: ShmWatch, cases: dict) -> dict:
         out["recv dict (msgpack)"] = min(ro)
         mc = get_codec("msgpack")
         enc = mc.encode(obj)
-        out["msgpack encode (dict)"] = _ns_per(lambda: [mc.encode(obj) for _ in range(K)], K)
-        out["msgpack decode (dict)"] = _ns_per(lambda: [mc.decode(1, enc) for _ in range(K)], K)
+        out["msgpack encode (dict)"] = best_ns(lambda: [mc.encode(obj) for _ in range(K)], K)
+        out["msgpack decode (dict)"] = best_ns(lambda: [mc.decode(1, enc) for _ in range(K)], K)
         import pickle
-        out["pickle dumps + loads (dict), for reference"] = _ns_per(
+        out["pickle dumps + loads (dict), for reference"] = best_ns(
             lambda: [pickle.loads(pickle.dumps(obj, 5)) for _ in range(K)], K)
         # Kernels alone: an @njit loop in this process (no Python, no contention).
         dtx, drx = tx.kernel(), rx.kernel()
@@ -1155,16 +1142,10 @@ def add_args(ap: argparse.ArgumentParser):
 
 def main(opts) -> int:
     t_start = time.monotonic()
-    cases = {c.key: c for c in make_cases()}
-    if opts.cases:
-        want = [k.strip() for k in opts.cases.split(",") if k.strip()]
-        cases = {k: cases[k] for k in want if k in cases}     # other groups' keys: theirs
-        if not cases:
-            return 0
-    full = getattr(opts, "reference", False)
-    out_dir = opts.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       "" if full else ("quick" if opts.quick else "partial"))
-    os.makedirs(out_dir, exist_ok=True)
+    cases = select_cases({c.key: c for c in make_cases()}, opts)
+    if not cases:
+        return 0
+    out_dir = results_dir(opts)
     watch = ShmWatch()
     info = machine()
     log(f"channels: {len(cases)} case(s), reps={opts.reps}, ~{opts.seconds:g} s per run; results -> {out_dir}")
@@ -1192,11 +1173,7 @@ def main(opts) -> int:
             except Exception as e:
                 log(f"large-message breakdown failed: {e!r}")
             prof = profiled_run(watch, 100_000 if opts.quick else 300_000)
-    info["quiet checks before runs (0.2 s each, longer while others were busy)"] = f"{GATE.waited:.0f} s in total"
-    if load.samples:
-        info["load average during run (1 min, min/median/max)"] = (
-            f"{min(load.samples):.2f} / {median(load.samples):.2f} / {max(load.samples):.2f}")
-    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    run_info(info, GATE, load)
     # Anything of iceoryx2's still around (its global management segment outlives nodes).
     watch.sweep("iceoryx2", (P.IOX_PREFIX,))
     import shutil

@@ -233,6 +233,52 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+class SampleStats:
+    """``med``/``span`` of a result row's ``samples`` (a dict of metrics per measured run)."""
+
+    def med(self, metric):
+        return median([s[metric] for s in self.samples if metric in s])
+
+    def span(self, metric):
+        xs = [s[metric] for s in self.samples if metric in s]
+        return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
+
+
+def best_ns(fn, k: int, reps: int = 5) -> float:
+    """ns per operation of ``fn`` (which does ``k`` of them): the best of ``reps`` calls."""
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter_ns()
+        fn()
+        best = min(best, (time.perf_counter_ns() - t) / k)
+    return best
+
+
+def select_cases(cases: dict, opts) -> dict:
+    """The cases ``--cases`` names (every case without it; other groups' keys are theirs)."""
+    if not opts.cases:
+        return cases
+    want = [k.strip() for k in opts.cases.split(",") if k.strip()]
+    return {k: cases[k] for k in want if k in cases}
+
+
+def results_dir(opts) -> str:
+    """bench/results/ for a reference run, results/quick/ or results/partial/ otherwise."""
+    full = getattr(opts, "reference", False)
+    out = opts.out or os.path.join(REPO, "bench", "results", "" if full else ("quick" if opts.quick else "partial"))
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def run_info(info: dict, gate, load) -> None:
+    """The waiting and load figures of a finished run, into its machine table."""
+    info["quiet checks before runs (0.2 s each, longer while others were busy)"] = f"{gate.waited:.0f} s in total"
+    if load.samples:
+        info["load average during run (1 min, min/median/max)"] = (
+            f"{min(load.samples):.2f} / {median(load.samples):.2f} / {max(load.samples):.2f}")
+    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def calibrate(rate: float, target: float, lo: int, hi: int, multiple: int = 1) -> int:
     """A message count that takes about ``target`` seconds at ``rate``."""
     n = int(rate * target) if rate > 0 else lo

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dictpeers as DP
-from .common import (REPO, ForeignLoad, LoadSampler, QuietGate, RunError, ShmWatch, Unavailable, _version,
-                     calibrate, fmt_rate, log, machine, median, now, run_roles)
+from .common import (REPO, ForeignLoad, LoadSampler, QuietGate, RunError, SampleStats, ShmWatch, Unavailable,
+                     _version, best_ns, calibrate, fmt_rate, log, machine, median, now, results_dir, run_info,
+                     run_roles, select_cases)
 
 KiB, MiB = 1 << 10, 1 << 20
 RUN_TIMEOUT = 90.0
@@ -336,20 +337,13 @@ class Case:
 
 
 @dataclass
-class Row:
+class Row(SampleStats):
     peer: object
     status: str = "ok"          # ok | unavailable | error
     reason: str = ""
     n: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)
     failures: list = field(default_factory=list)
-
-    def med(self, metric):
-        return median([s[metric] for s in self.samples if metric in s])
-
-    def span(self, metric):
-        xs = [s[metric] for s in self.samples if metric in s]
-        return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
 
 
 def getset_peers():
@@ -675,12 +669,7 @@ def target_lines(case):
 # Where shm's time goes: split timings in one process, and profiled runs of failing cases.
 
 def _best_ns(fn, k, reps=7):
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter_ns()
-        fn()
-        best = min(best, (time.perf_counter_ns() - t) / k)
-    return best
+    return best_ns(fn, k, reps)
 
 
 def breakdown() -> dict:
@@ -1110,16 +1099,10 @@ def add_args(ap):
 
 def main(opts) -> int:
     t_start = time.monotonic()
-    cases = {c.key: c for c in make_cases()}
-    if opts.cases:
-        want = [k.strip() for k in opts.cases.split(",") if k.strip()]
-        cases = {k: cases[k] for k in want if k in cases}
-        if not cases:
-            return 0
-    full = getattr(opts, "reference", False)
-    out_dir = opts.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       "" if full else ("quick" if opts.quick else "partial"))
-    os.makedirs(out_dir, exist_ok=True)
+    cases = select_cases({c.key: c for c in make_cases()}, opts)
+    if not cases:
+        return 0
+    out_dir = results_dir(opts)
     watch = ShmWatch()
     info = machine()
     info["peers"] = ", ".join(f"{d} {_version(d)}" for d in ("UltraDict", "shared-memory-dict", "lmdb", "atomics"))
@@ -1151,11 +1134,7 @@ def main(opts) -> int:
             except Exception as e:
                 log(f"breakdown failed: {e!r}")
             prof = profiled_runs(cases, verdicts, watch, opts)
-    info["quiet checks before runs (0.2 s each, longer while others were busy)"] = f"{GATE.waited:.0f} s in total"
-    if load.samples:
-        info["load average during run (1 min, min/median/max)"] = (
-            f"{min(load.samples):.2f} / {median(load.samples):.2f} / {max(load.samples):.2f}")
-    info["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    run_info(info, GATE, load)
     sizes = size_ratios(cases)
     tmp_left = DP.leftover_tmp()
     wall = time.monotonic() - t_start
