@@ -54,7 +54,6 @@ import atexit
 import ctypes
 import functools
 import mmap
-from array import array
 from itertools import accumulate, islice
 import os
 import struct
@@ -1375,7 +1374,7 @@ class _Chan:
             for side in (0, 1):
                 reg.clear_waiting(self.me, side)
             reg.unregister(self.me)
-            last = self._last_out()
+            last = reg.claim_last_out()
         self.me = -1
         for side in (R.SIDE_RX, R.SIDE_TX):     # the other side re-checks who is left
             _WAKE(self.rings[0].rx_addr, side, 1 << 30)
@@ -1383,22 +1382,6 @@ class _Chan:
         if last:
             self._destroy()
         self._unmap()
-
-    def _last_out(self) -> bool:
-        """Whether we are the last participant, claiming the right to unlink if so."""
-        reg = self.registry
-        if reg.live_entries() or reg.live_tokens():
-            return False
-        closing = (os.getpid() << 8) | L.SEG_CLOSING
-        if not self.ctrl.set_state(L.SEG_OPEN, closing):
-            return False
-        # Dekker with _register: a newcomer registers, then reads the state;
-        # we set CLOSING, then read the table. One of us sees the other.
-        if reg.live_entries():
-            self.ctrl.set_state(closing, L.SEG_OPEN)
-            return False
-        self.ctrl.set_state(closing, L.SEG_UNLINKED)
-        return True
 
     def _destroy(self) -> None:
         """Unlink every segment of this channel."""

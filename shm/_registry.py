@@ -179,6 +179,26 @@ class Registry:
         """Indices of entries not FREE (alive, being claimed, or being reaped)."""
         return [i for i in range(L.MAX_PARTICIPANTS) if _code(self.state(i)) != L.PS_FREE]
 
+    def claim_last_out(self) -> bool:
+        """Whether we are the last participant, claiming the right to unlink if so.
+
+        Call after unregistering. On True the segment is marked UNLINKED and
+        the caller removes the structure's names.
+        """
+        if self.live_entries() or self.live_tokens():
+            return False
+        seg = self.seg
+        closing = (os.getpid() << 8) | L.SEG_CLOSING
+        if not seg.set_state(L.SEG_OPEN, closing):
+            return False
+        # Dekker with a newcomer's register: it registers, then reads the
+        # state; we set CLOSING, then read the table. One of us sees the other.
+        if self.live_entries():
+            seg.set_state(closing, L.SEG_OPEN)
+            return False
+        seg.set_state(closing, L.SEG_UNLINKED)
+        return True
+
     def pids(self) -> list[tuple[int, int, bool]]:
         """(index, pid, alive) for every non-free entry."""
         out = []

@@ -1118,7 +1118,7 @@ class SharedDict(MutableMapping):
                 pass
             reg.clear_role(self._me, L.ROLE_TX)
             reg.unregister(self._me)
-            last = _last_out(self._ctrl, reg)
+            last = reg.claim_last_out()
         self._me = -1
         self._d[H.X_CTRL_SIZE] = 0
         self._d[H.X_ME] = -1
@@ -1244,19 +1244,6 @@ def _rebuild(name, token):
     if token is not None:
         d._registry.retire(*token)
     return d
-
-
-def _last_out(ctrl: Segment, reg: Registry) -> bool:
-    if reg.live_entries() or reg.live_tokens():
-        return False
-    closing = (os.getpid() << 8) | L.SEG_CLOSING
-    if not ctrl.set_state(L.SEG_OPEN, closing):
-        return False
-    if reg.live_entries():
-        ctrl.set_state(closing, L.SEG_OPEN)
-        return False
-    ctrl.set_state(closing, L.SEG_UNLINKED)
-    return True
 
 
 def _unlink_all(name: str, family: str) -> None:
