@@ -65,6 +65,29 @@ class Store:
         pass
 
 
+class _MappingStore(Store):
+    """A peer used through its mapping interface: ``self.d``, and ``self.lock`` or None."""
+
+    lock = None
+
+    def open(self):
+        d, lock = self.d, self.lock
+        h = Handle()
+        h.get, h.set = d.__getitem__, d.__setitem__
+        if lock is not None:
+            def incr(k):
+                with lock:
+                    d[k] = d[k] + 1
+        else:
+            def incr(k):
+                d[k] = d[k] + 1
+        h.incr = incr
+        return h
+
+    def total(self, keys):
+        return sum(self.d[k] for k in keys)
+
+
 class DictPeer:
     key = "?"
     name = "?"
@@ -121,28 +144,12 @@ class ShmDictPeer(DictPeer):
 # --------------------------------------------------------------------------
 # multiprocessing.Manager().dict()
 
-class _ManagerStore(Store):
+class _ManagerStore(_MappingStore):
     def __init__(self, init, locked):
         self.m = CTX.Manager()
         self.d = self.m.dict(init)
         self.lock = self.m.Lock() if locked else None
 
-    def open(self):
-        d, lock = self.d, self.lock
-        h = Handle()
-        h.get, h.set = d.__getitem__, d.__setitem__
-        if lock is not None:
-            def incr(k):
-                with lock:
-                    d[k] = d[k] + 1
-        else:
-            def incr(k):
-                d[k] = d[k] + 1
-        h.incr = incr
-        return h
-
-    def total(self, keys):
-        return sum(self.d[k] for k in keys)
 
     def destroy(self):
         self.m.shutdown()
@@ -176,39 +183,20 @@ def _ultra_sizes(init, value_bytes):
     return buf, 2 * dump + buf + MiB
 
 
-class _UltraStore(Store):
+class _UltraStore(_MappingStore):
     def __init__(self, init, value_bytes, shared_lock, locked):
         from UltraDict import UltraDict
         self.name = _rand("bdu")
         self.shm_prefixes = (self.name,)
         buf, full = _ultra_sizes(init, value_bytes)
         # auto_unlink=False: a forked child that exits must not unlink it; destroy() does.
-        self.u = UltraDict(name=self.name, create=True, buffer_size=buf, full_dump_size=full,
+        self.d = UltraDict(name=self.name, create=True, buffer_size=buf, full_dump_size=full,
                            shared_lock=shared_lock, auto_unlink=False)
-        self.u.update(init)
-        self.locked = locked
-
-    def open(self):
-        u = self.u
-        h = Handle()
-        h.get, h.set = u.__getitem__, u.__setitem__
-        if self.locked:
-            lock = u.lock
-
-            def incr(k):
-                with lock:
-                    u[k] = u[k] + 1
-        else:
-            def incr(k):
-                u[k] = u[k] + 1
-        h.incr = incr
-        return h
-
-    def total(self, keys):
-        return sum(self.u[k] for k in keys)
+        self.d.update(init)
+        self.lock = self.d.lock if locked else None
 
     def destroy(self):
-        self.u.close(unlink=True)
+        self.d.close(unlink=True)
 
 
 class UltraDictPeer(DictPeer):
@@ -254,7 +242,7 @@ def _untracked():
         rt.register = reg
 
 
-class _SmdStore(Store):
+class _SmdStore(_MappingStore):
     def __init__(self, init, locked):
         import shared_memory_dict as smd
         self.name = _rand("bds")
@@ -266,22 +254,6 @@ class _SmdStore(Store):
         self.d.update(init)
         self.lock = CTX.Lock() if locked else None     # inherited by the forked roles
 
-    def open(self):
-        d, lock = self.d, self.lock
-        h = Handle()
-        h.get, h.set = d.__getitem__, d.__setitem__
-        if lock is not None:
-            def incr(k):
-                with lock:
-                    d[k] = d[k] + 1
-        else:
-            def incr(k):
-                d[k] = d[k] + 1
-        h.incr = incr
-        return h
-
-    def total(self, keys):
-        return sum(self.d[k] for k in keys)
 
     def destroy(self):
         import _posixshmem
