@@ -94,6 +94,7 @@ X_AREA_SIZE = 9     # bytes per result area
 X_BANKS = 10        # address of the bank table (int64[2 * N_BANKS])
 X_KEYMODE = 11      # 0: keys are encoded bytes; 1: int64 keys (numeric mode)
 X_VALKIND = 12      # numeric mode: the one value kind stored (VK_I64 or VK_F64); else 0
+X_OPS = 13          # address of this handle's operation counter (its participant entry's PT_OPS), 0: none
 X_SHARDS = 16       # per shard, X_STRIDE words:
 S_ADDR = 0          #   mapped address of its current generation (0: not mapped)
 S_SIZE = 1          #   mapped size
@@ -351,6 +352,20 @@ def value_len(d, key, koff, n):
     return A.load(w, (ro + L.RC_VALUE) >> 3, "relaxed")
 
 
+@jit(inline="always")
+def _tick(d):
+    """Count one operation on this handle's participant entry (``X_OPS``), for ``python -m shm top``.
+
+    Only the entry's owner writes it: a relaxed load and store, no locked
+    instruction. Threads of one process calling from ``@njit(nogil=True)``
+    code at once may lose ticks; the figure is a rate, not an account.
+    """
+    a = d[X_OPS]
+    if a != 0:
+        w = i64_at(a, 1)
+        A.store(w, 0, A.load(w, 0, "relaxed") + 1, "relaxed")
+
+
 @jit("int64(int64, int64, int64)", nogil=False)
 def get_at(daddr, key_addr, n):
     """``get`` into the calling thread's next result area: the Python fast path.
@@ -361,6 +376,7 @@ def get_at(daddr, key_addr, n):
     if d[X_CTRL_SIZE] == 0:
         return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    _tick(d)
     a = _area(d)
     if a < 0:
         return NO_BANK
@@ -610,6 +626,7 @@ def put_at(daddr, key_addr, n, kind, val_addr, vlen, num):
     if d[X_VALKIND] != 0 and kind != d[X_VALKIND]:
         return WRONG_KIND       # numeric mode holds one kind: Python converts or refuses
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    _tick(d)
     return put(d, u8_at(key_addr, n), 0, n, kind, u8_at(val_addr, vlen), 0, vlen, num, 7)
 
 
@@ -620,6 +637,7 @@ def store_locked_at(daddr, key_addr, n, kind, val_addr, vlen, num):
     if d[X_CTRL_SIZE] == 0:
         return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    _tick(d)
     key = u8_at(key_addr, n)
     h = _hash(d, key, 0, n)
     return _store(d, shard_of(d, h), key, 0, n, h, kind, u8_at(val_addr, vlen), 0, vlen, num)
@@ -632,6 +650,7 @@ def delete_at(daddr, key_addr, n, locked):
     if d[X_CTRL_SIZE] == 0 or d[X_ME] < 0:
         return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    _tick(d)
     key = u8_at(key_addr, n)
     h = _hash(d, key, 0, n)
     s = shard_of(d, h)
@@ -729,6 +748,7 @@ def incr_at(daddr, key_addr, n, delta):
     if d[X_CTRL_SIZE] == 0:
         return CLOSED
     d = i64_at(daddr, X_SHARDS + d[X_NSHARDS] * X_STRIDE)
+    _tick(d)
     a = _area(d)
     if a < 0:
         return NO_BANK
@@ -994,6 +1014,7 @@ def lookup_i64(d, key):
     and call the dict's ``refresh()``). The bits are the int64 itself, or a
     float64's bits (``lookup_f64`` reinterprets them).
     """
+    _tick(d)
     h = hash_i64(key)
     s = shard_of(d, h)
     if not _mapped(d, s):
@@ -1071,6 +1092,7 @@ def put_i64(d, key, kind, num, spins):
     put from Python, which waits for the lock and recovers a dead holder's),
     MOVED or UNMAPPED (the dict's ``refresh()``).
     """
+    _tick(d)
     h = hash_i64(key)
     s = shard_of(d, h)
     if not _mapped(d, s):
@@ -1090,6 +1112,7 @@ def incr_i64(d, key, delta):
     from Python), OVERFLOW (the sum leaves int64: nothing added), BUSY (a
     compaction is running: retry), MOVED, UNMAPPED.
     """
+    _tick(d)
     h = hash_i64(key)
     s = shard_of(d, h)
     if not _mapped(d, s):

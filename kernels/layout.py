@@ -229,6 +229,10 @@ PARTICIPANT = Layout("participant", [
     Field("start", 8),          # start time (clock ticks since boot) from /proc/PID/stat
     Field("pidns", 8),          # inode of /proc/PID/ns/pid: pids compare only within one namespace
     Field("roles", 8, atomic=True),   # informational: bit ROLE_TX, bit ROLE_RX
+    # Operations done through this entry (dicts: get, put, delete, incr), for
+    # `python -m shm top`. Written only by the entry's owner (relaxed stores);
+    # never reset, so the sum over all entries only grows as occupants change.
+    Field("ops", 8, atomic=True),
 ], size=64)
 
 PT_STATE = PARTICIPANT["state"]
@@ -236,6 +240,7 @@ PT_PID = PARTICIPANT["pid"]
 PT_START = PARTICIPANT["start"]
 PT_PIDNS = PARTICIPANT["pidns"]
 PT_ROLES = PARTICIPANT["roles"]
+PT_OPS = PARTICIPANT["ops"]
 PT_SIZE = PARTICIPANT.size
 
 PS_FREE = 0

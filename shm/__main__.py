@@ -3,6 +3,7 @@
     python -m shm demo [N]        run the pipeline demo (what `make demo` runs)
     python -m shm ls [--json]     list shm segments in /dev/shm
     python -m shm inspect NAME    show one structure in detail
+    python -m shm top [--json]    live rates: messages/s per channel, ops/s per dict
     python -m shm gc [--dry-run]  remove segments whose processes are all dead
 """
 from __future__ import annotations
@@ -25,6 +26,10 @@ def main(argv=None) -> int:
     ins = sub.add_parser("inspect", help="show one structure")
     ins.add_argument("name")
     ins.add_argument("--json", action="store_true")
+    tp = sub.add_parser("top", help="live rates per channel and dict")
+    tp.add_argument("--interval", "-n", type=float, default=1.0, help="seconds between refreshes")
+    tp.add_argument("--count", "-c", type=int, default=None, help="refreshes before exiting (default: forever)")
+    tp.add_argument("--json", action="store_true", help="one JSON object per refresh, one per line")
     gc = sub.add_parser("gc", help="remove segments of dead processes")
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument("--json", action="store_true")
@@ -44,6 +49,14 @@ def main(argv=None) -> int:
     if a.cmd == "inspect":
         info = _admin.inspect(a.name)
         print(json.dumps(info, indent=2) if a.json else _admin.format_info(info))
+        return 0
+    if a.cmd == "top":
+        if a.interval <= 0:
+            p.error("--interval must be a positive number of seconds")
+        try:
+            _admin.top(a.interval, a.count, a.json)
+        except KeyboardInterrupt:
+            pass
         return 0
     if a.cmd == "gc":
         removed = _admin.gc(dry_run=a.dry_run)

@@ -1,4 +1,4 @@
-"""What ``python -m shm ls / inspect / gc`` do: read segments without joining them.
+"""What ``python -m shm ls / inspect / top / gc`` do: read segments without joining them.
 
 Listing reads headers and participant tables through read-only kernels; it
 never registers as a participant, so it cannot keep a structure alive or
@@ -56,7 +56,7 @@ def _participants(seg: Segment) -> list[dict]:
     return out, reg
 
 
-def _dict_figures(seg: Segment) -> dict:
+def _dict_figures(seg: Segment, reg) -> dict:
     """Keys per shard (read from each shard's current generation), growths, repairs."""
     p = seg.params
     table = p[L.PD_TABLE]
@@ -75,22 +75,57 @@ def _dict_figures(seg: Segment) -> dict:
     return {"codec": {0: "bytes", 1: "msgpack", 2: "pickle", 3: "numpy"}.get(p[L.PD_CODEC], "?"),
             "numeric": bool(p[L.PD_KEY_TYPE]), "shards": p[L.PD_SHARDS],
             "keys": sum(n for n in per_shard if n is not None), "per_shard_keys": per_shard,
+            "ops": reg.ops_total(),
             "growths": int(w[L.DC_GROWTHS >> 3]), "repairs": int(w[L.DC_REPAIRS >> 3]),
             "reaped": int(w[L.DC_REAPED >> 3])}
 
 
+def _ring_counter(ctrl: Segment, ring: Segment, ring_off: int, cap: int, slot: int, which: int) -> int:
+    """Counter ``which`` of a ring (0: sent, 1: received; global positions) read without joining."""
+    d = np.zeros(R.D_LEN, np.int64)
+    d[R.D_BASE] = ring.addr
+    d[R.D_SIZE] = ring.size
+    d[R.D_RING] = ring_off
+    d[R.D_CAP] = cap
+    d[R.D_SLOT] = slot
+    d[R.D_ME] = -1
+    d[R.D_CTRL] = ctrl.addr
+    d[R.D_CTRL_SIZE] = ctrl.size
+    return int(R.counter_at(d.ctypes.data, which))
+
+
+def _positions(seg: Segment) -> tuple[int, int] | None:
+    """(sent, received) of a channel; an unbounded one's from its tail and head generations.
+
+    Received is read first, then sent, back to back (rings mapped before), so
+    while others keep sending and receiving the depth read is never below
+    the true depth at the first read, and never negative.
+    """
+    p = seg.params
+    rings = []
+    try:
+        for gen_off in (L.CH_HEAD_GEN, L.CH_TAIL_GEN):
+            gen = 0 if p[L.P_FLAVOR] != L.FLAVOR_UNBOUNDED else int(seg.w[gen_off >> 3])
+            if gen == 0:            # a bounded ring, or an unbounded one's first generation: in the control segment
+                rings.append((seg, p[L.P_RING], p[L.P_RING_CAP], False))
+                continue
+            ring = _attach(f"{seg.family}r{gen:x}")
+            if ring is None or ring.kind != L.KIND_RING:
+                if ring is not None:
+                    ring.close()
+                return None         # between generations, or gone: no figure this time
+            rings.append((ring, ring.params[L.PR_RING], ring.params[L.PR_CAP], True))
+        received = _ring_counter(seg, rings[0][0], rings[0][1], rings[0][2], p[L.P_SLOT], 1)
+        sent = _ring_counter(seg, rings[1][0], rings[1][1], rings[1][2], p[L.P_SLOT], 0)
+        return sent, received
+    finally:
+        for ring, _, _, mine in rings:
+            if mine:
+                ring.close()
+
+
 def _channel_figures(seg: Segment) -> dict:
     p = seg.params
-    d = np.zeros(R.D_LEN, np.int64)
-    d[R.D_BASE] = seg.addr
-    d[R.D_SIZE] = seg.size
-    d[R.D_RING] = p[L.P_RING]
-    d[R.D_CAP] = p[L.P_RING_CAP]
-    d[R.D_SLOT] = p[L.P_SLOT]
-    d[R.D_ME] = -1
-    d[R.D_CTRL] = seg.addr
-    d[R.D_CTRL_SIZE] = seg.size
-    sent, received = R.counter_at(d.ctypes.data, 0), R.counter_at(d.ctypes.data, 1)
     flavor = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded",
               L.FLAVOR_RENDEZVOUS: "rendezvous"}.get(p[L.P_FLAVOR], "?")
     w = seg.w
@@ -99,8 +134,13 @@ def _channel_figures(seg: Segment) -> dict:
            "generations": [int(w[L.CH_HEAD_GEN >> 3]), int(w[L.CH_TAIL_GEN >> 3])],
            "recovered": int(w[L.CH_TOMBSTONES >> 3]), "lost": int(w[L.CH_DROPPED >> 3]),
            "reaped": int(w[L.CH_REAPED >> 3]), "blob_bytes": int(w[L.CH_BLOB_BYTES >> 3])}
-    if flavor != "unbounded":
-        fig.update(sent=sent, received=received, depth=max(0, sent - received))
+    pos = _positions(seg)
+    if pos is not None:
+        sent, received = pos
+        depth = max(0, sent - received)
+        if flavor != "unbounded":
+            depth = min(depth, p[L.P_CAPACITY])
+        fig.update(sent=sent, received=received, depth=depth)
     return fig
 
 
@@ -126,7 +166,7 @@ def describe(name: str) -> dict | None:
         elif seg.kind == L.KIND_DICT:
             parts, reg = _participants(seg)
             info["participants"] = parts
-            info.update(_dict_figures(seg))
+            info.update(_dict_figures(seg, reg))
         return info
     finally:
         seg.close()
@@ -170,6 +210,93 @@ def format_info(info: dict) -> str:
         else:
             lines.append(f"{k}: {v}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# top: rates from two readings of the same monotonic counters.
+
+def _readings() -> dict[str, dict]:
+    """Every channel and dict, described (derived segments left out), by name."""
+    out = {}
+    for name in _names():
+        info = describe(name)
+        if info is not None and info["kind"] in ("channel", "dict"):
+            out[name] = info
+    return out
+
+
+def _rate(now: dict, before: dict | None, key: str, dt: float) -> float | None:
+    if before is None or key not in now or key not in before or dt <= 0:
+        return None
+    return max(0, now[key] - before[key]) / dt
+
+
+def rates(before: dict[str, dict], now: dict[str, dict], dt: float) -> list[dict]:
+    """One row per structure in ``now``: counts and per-second rates over ``dt``."""
+    rows = []
+    for name, info in now.items():
+        prev = before.get(name)
+        row = {"name": name, "kind": info["kind"], "of": info["of"],
+               "pids": sum(p["alive"] for p in info.get("participants", []))}
+        if info["kind"] == "channel":
+            row.update(flavor=info["flavor"], depth=info.get("depth"),
+                       sent_per_s=_rate(info, prev, "sent", dt), received_per_s=_rate(info, prev, "received", dt))
+        else:
+            row.update(keys=info["keys"], ops_per_s=_rate(info, prev, "ops", dt))
+        rows.append(row)
+    return rows
+
+
+def _fmt_rate(v) -> str:
+    if v is None:
+        return "-"
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return f"{v:.0f}"
+
+
+def format_top(rows: list[dict], interval: float) -> str:
+    lines = [f"shm top  {time.strftime('%H:%M:%S')}  every {interval:g} s  (Ctrl-C quits)",
+             f"{'NAME':<16} {'KIND':<9} {'OF':<22} {'PIDS':>4} {'SENT/s':>8} {'RECV/s':>8} {'DEPTH':>7} "
+             f"{'OPS/s':>8} {'KEYS':>9}"]
+    if not rows:
+        lines.append("no shm channels or dicts")
+    for r in sorted(rows, key=lambda r: (r["kind"], r["of"])):
+        kind = r.get("flavor", r["kind"])
+        if r["kind"] == "channel":
+            cells = (_fmt_rate(r["sent_per_s"]), _fmt_rate(r["received_per_s"]),
+                     "-" if r["depth"] is None else str(r["depth"]), "", "")
+        else:
+            cells = ("", "", "", _fmt_rate(r["ops_per_s"]), str(r["keys"]))
+        lines.append(f"{r['name']:<16} {kind:<9} {r['of'][:22]:<22} {r['pids']:>4} "
+                     f"{cells[0]:>8} {cells[1]:>8} {cells[2]:>7} {cells[3]:>8} {cells[4]:>9}")
+    return "\n".join(lines)
+
+
+def top(interval: float = 1.0, count: int | None = None, as_json: bool = False, out=None) -> None:
+    """Print live rates every ``interval`` seconds, ``count`` times (None: until interrupted).
+
+    As JSON, one object per line: ``{"time", "interval", "structures": [rows]}``.
+    On a terminal the table redraws in place.
+    """
+    import json
+    import sys
+    out = out or sys.stdout
+    clear = out.isatty() and not as_json
+    before, t0 = _readings(), time.monotonic()
+    shown = 0
+    while count is None or shown < count:
+        time.sleep(interval)
+        now, t1 = _readings(), time.monotonic()
+        rows = rates(before, now, t1 - t0)
+        if as_json:
+            out.write(json.dumps({"time": time.time(), "interval": t1 - t0, "structures": rows}) + "\n")
+        else:
+            out.write(("\x1b[H\x1b[2J" if clear else "") + format_top(rows, interval) + "\n\n")
+        out.flush()
+        before, t0 = now, t1
+        shown += 1
 
 
 def _dead_structure(seg: Segment) -> bool:
@@ -242,4 +369,5 @@ def _stale_headerless(name: str) -> bool:
     return len(head) < 8 or head == b"\0" * 8
 
 
-__all__ = ["list_segments", "describe", "inspect", "gc", "print_table", "format_info", "SegmentError"]
+__all__ = ["list_segments", "describe", "inspect", "gc", "top", "rates", "print_table", "format_info",
+           "format_top", "SegmentError"]

@@ -199,6 +199,17 @@ class Registry:
         seg.set_state(closing, L.SEG_UNLINKED)
         return True
 
+    def ops_total(self) -> int:
+        """Operations counted in every entry (``PT_OPS``, ticked by the dict kernels).
+
+        Entries are never reset, so the sum only grows: ``python -m shm top``
+        takes rates from its differences.
+        """
+        w = self.seg.w
+        first = (self.table + L.PT_OPS) >> 3
+        step = L.PT_SIZE >> 3
+        return int(w[first:first + step * L.MAX_PARTICIPANTS:step].sum())
+
     def pids(self) -> list[tuple[int, int, bool]]:
         """(index, pid, alive) for every non-free entry."""
         out = []

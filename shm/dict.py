@@ -136,6 +136,7 @@ class DictStats:
     growths: int                 # shard generations made (growth and compaction)
     repairs: int                 # shards rebuilt after their lock holder died
     participants: int
+    ops: int                     # operations done by every handle so far (approximate; for rates)
 
 
 class SharedDict(MutableMapping):
@@ -278,11 +279,17 @@ class SharedDict(MutableMapping):
             raise SegmentNotFound(f"SharedDict {self._name!r} was closed by its last user and is being removed")
         reg.set_role(self._me, L.ROLE_TX)
         self._d[H.X_ME] = self._me
+        self._d[H.X_OPS] = self._ops_addr(self._me)
+
+    def _ops_addr(self, me: int) -> int:
+        """Address of participant ``me``'s operation counter (the kernels tick it; ``top`` reads it)."""
+        return self._ctrl.addr + self._ctrl.params[L.PD_PARTICIPANTS] + me * L.PT_SIZE + L.PT_OPS
 
     def _after_fork_child(self) -> None:
         self._lock = threading.RLock()
         self._banks[:] = 0
         self._d[H.X_ME] = -1
+        self._d[H.X_OPS] = 0
         self._me = -1
         if not self._closed:
             try:
@@ -1077,7 +1084,8 @@ class SharedDict(MutableMapping):
                          garbage_bytes=garbage, segment_bytes=size, per_shard_keys=tuple(keys),
                          lock_waits=waits, growths=W.load(self._ctrl.w, L.DC_GROWTHS >> 3),
                          repairs=W.load(self._ctrl.w, L.DC_REPAIRS >> 3),
-                         participants=len(self._registry.live_entries()))
+                         participants=len(self._registry.live_entries()),
+                         ops=self._registry.ops_total())
 
     def __repr__(self):
         if self._closed:
@@ -1122,6 +1130,7 @@ class SharedDict(MutableMapping):
         self._me = -1
         self._d[H.X_CTRL_SIZE] = 0
         self._d[H.X_ME] = -1
+        self._d[H.X_OPS] = 0
         for s in range(self._nshards):
             self._d[H.X_SHARDS + s * H.X_STRIDE + H.S_ADDR] = 0      # kernels: UNMAPPED, never a stale address
         if last:

@@ -166,7 +166,7 @@ CONSTANTS = {
         "BLOB_SEGMENTS": "blob_segments", "TOMBSTONES": "tombstones", "DROPPED": "dropped",
         "REAPED": "reaped"}),
     "PT_": (L.PARTICIPANT, 0, {"STATE": "state", "PID": "pid", "START": "start", "PIDNS": "pidns",
-                               "ROLES": "roles"}),
+                               "ROLES": "roles", "OPS": "ops"}),
     "TK_": (L.TOKEN, 0, {"STATE": "state", "CREATED": "created_ns", "LENDER_PID": "lender_pid",
                          "LENDER_START": "lender_start"}),
     "RG_": (L.RING, 0, {"TAIL": "tail", "HEAD": "head", "CAP": "cap", "SLOT": "slot", "BASE": "base",
