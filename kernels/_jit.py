@@ -19,6 +19,13 @@ invalidates every cached kernel. Rejected: setting ``numba.config.CACHE_DIR``
 (process-global, it would move the user's own cache too) and stamping with the
 package version only (an edited checkout would run stale code).
 
+When neither ``__pycache__`` beside the kernels nor the user-wide cache
+directory is writable (a system-wide install used by an account without a
+home, say), numba would refuse to decorate at all. A last locator then
+uses ``<tmp>/shm-numba-<uid>``, created mode 0700 and used only if it is a
+real directory owned by this user and closed to others: a cache directory
+someone else can write would let them plant machine code we then run.
+
 The locator hooks ``numba.core.caching.CacheImpl._locator_classes``, which is
 internal API; pyproject pins numba to the versions where it exists. If it is
 missing, we warn and fall back to numba's default behaviour.
@@ -28,6 +35,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import stat
+import tempfile
 import warnings
 
 import numba
@@ -81,6 +90,50 @@ class _UserWideLocator(_PackageStampMixin, _caching.UserWideCacheLocator):
         return super().from_function(py_func, py_file)
 
 
+def private_cache_root() -> str | None:
+    """``<tmp>/shm-numba-<uid>`` if it is (or can be made) a 0700 directory owned by us, else None."""
+    root = os.path.join(tempfile.gettempdir(), f"shm-numba-{os.getuid()}")
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return root
+
+
+class _PrivateTempLocator(_PackageStampMixin, _caching._SourceFileBackedLocatorMixin, _caching._CacheLocator):
+    """The last resort: a private per-user directory under the temporary directory."""
+
+    def __init__(self, py_func, py_file, root):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(root, self.get_suitable_cache_subpath(py_file))
+
+    def get_cache_path(self):
+        return self._cache_path
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not _ours(py_file):
+            return None
+        root = private_cache_root()
+        if root is None:
+            return None
+        self = cls(py_func, py_file, root)
+        try:
+            self.ensure_cache_path()
+        except OSError:
+            return None
+        return self
+
+
 def _install_locators() -> None:
     impl = getattr(_caching, "CacheImpl", None) or getattr(_caching, "_CacheImpl", None)
     classes = getattr(impl, "_locator_classes", None)
@@ -94,7 +147,8 @@ def _install_locators() -> None:
         return
     # Same preference order as numba's own: NUMBA_CACHE_DIR, then __pycache__
     # beside the source, then the user-wide cache directory.
-    for cls in (_UserWideLocator, _InTreeLocator, _UserProvidedLocator):
+    # Then, for our files only, the private temporary directory.
+    for cls in (_PrivateTempLocator, _UserWideLocator, _InTreeLocator, _UserProvidedLocator):
         if cls not in classes:
             classes.insert(0, cls)
 

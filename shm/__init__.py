@@ -14,7 +14,7 @@ See README.md for the tour.
 """
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
 from .queues import JoinableQueue, Queue, SimpleQueue
-from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
+from .errors import (AccessDenied, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
                      SegmentExists, SegmentNotFound, ShmError, TooManyParticipants, WrongKind)
 

@@ -20,7 +20,7 @@ import queue
 __all__ = [
     "ShmError", "Empty", "Full", "Disconnected", "Closed",
     "EncodeError", "DecodeError", "MessageTooLarge",
-    "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
+    "SegmentError", "SegmentNotFound", "SegmentExists", "AccessDenied", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
 ]
 
@@ -83,6 +83,10 @@ class SegmentNotFound(SegmentError, FileNotFoundError):
 
 class SegmentExists(SegmentError, FileExistsError):
     """A shared-memory segment with this name already exists."""
+
+
+class AccessDenied(SegmentError, PermissionError):
+    """The segment belongs to another user: segments are created mode 0600, owner only."""
 
 
 class IncompatibleSegment(SegmentError):

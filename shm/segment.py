@@ -55,7 +55,7 @@ from kernels import layout as L
 from kernels import words as W
 
 from . import _liveness
-from .errors import (CorruptSegment, IncompatibleSegment, OutOfSharedMemory, SegmentExists,
+from .errors import (AccessDenied, CorruptSegment, IncompatibleSegment, OutOfSharedMemory, SegmentExists,
                      SegmentNotFound, WrongKind)
 
 __all__ = ["Segment", "new_name", "check_name", "unlink_name", "shm_free_bytes"]
@@ -239,7 +239,8 @@ class Segment:
     def attach(cls, name: str, *, kind: int | None = None, what: str = "segment") -> "Segment":
         """Map an existing segment and validate its header.
 
-        Raises ``SegmentNotFound``, ``IncompatibleSegment`` (not ours, or
+        Raises ``SegmentNotFound``, ``AccessDenied`` (another user's),
+        ``IncompatibleSegment`` (not ours, or
         another layout version), ``WrongKind``, ``CorruptSegment``.
         """
         name = check_name(name)
@@ -248,7 +249,9 @@ class Segment:
         except posix_ipc.ExistentialError:
             raise SegmentNotFound(errno.ENOENT, f"no {what} named {name!r} (no such shared-memory segment)") from None
         except posix_ipc.PermissionsError:
-            raise SegmentNotFound(errno.EACCES, f"{what} {name!r} belongs to another user (permission denied)") from None
+            raise AccessDenied(errno.EACCES, f"{what} {name!r} belongs to another user: shm segments are "
+                               "created mode 0600, so only their owner's processes can open them. Run this "
+                               "process as that user.") from None
         fd = shm.fd
         try:
             size = _wait_for_size(fd, name, what)
