@@ -73,7 +73,7 @@ import msgpack
 
 from .codec import K_MSGPACK, get_codec
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, Full,
-                     IncompatibleSegment, SegmentExists, SegmentNotFound, ShmError)
+                     IncompatibleSegment, OutOfSharedMemory, SegmentExists, SegmentNotFound, ShmError)
 from .segment import Segment, check_name, new_name, unlink_name
 
 __all__ = ["_Chan", "close_all"]
@@ -137,8 +137,24 @@ SHORT_SPIN = 7                # backoff steps the fast path spins with the GIL (
 SEND_SPIN = 40                # retries (with sched_yield) of a blocked send before it parks
 RING0_UNBOUNDED = 256         # slots of an unbounded channel's first generation
 MAX_RING_BYTES = 16 << 20     # bytes of slots in its largest generations
-BLOB_MIN = 64 << 10           # smallest blob segment
-BLOB_BUDGET = 256 << 20       # blob bytes a channel keeps for reuse
+BLOB_MIN = 4 << 10            # smallest blob segment: a page (a 1 KiB message must not cost 64 KiB)
+
+
+def _blob_budget() -> int:
+    """Blob bytes a channel keeps for reuse: 256 MiB, or an eighth of /dev/shm if that is smaller.
+
+    Docker's default /dev/shm is 64 MiB: kept blobs must not be what fills it.
+    """
+    total = None
+    try:
+        st = os.statvfs("/dev/shm")
+        total = st.f_blocks * st.f_frsize
+    except OSError:
+        pass
+    return min(256 << 20, total // 8) if total else 256 << 20
+
+
+BLOB_BUDGET = _blob_budget()
 
 _OPEN: dict[str, "_Chan"] = {}
 _OPEN_LOCK = threading.RLock()
@@ -652,7 +668,23 @@ class _Chan:
                 time.sleep(0.0002)
 
     def _create_ring(self, gen: int, base: int) -> None:
+        """Make generation ``gen``: twice the previous one, or smaller if /dev/shm is short.
+
+        Each generation records its own capacity, so when the doubled one
+        does not fit, halving down to the first generation's size keeps the
+        channel growing in what space there is; only when even that fails
+        does the send raise ``OutOfSharedMemory``.
+        """
         cap = self._gen_cap(gen)
+        while True:
+            try:
+                return self._create_ring_of(gen, base, cap)
+            except OutOfSharedMemory:
+                if cap <= RING0_UNBOUNDED:
+                    raise
+                cap //= 2
+
+    def _create_ring_of(self, gen: int, base: int, cap: int) -> None:
         lay = L.ring_layout(cap, self.slot)
         params = [0] * 8
         params[L.PR_GEN] = gen

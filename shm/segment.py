@@ -95,12 +95,19 @@ def shm_free_bytes() -> int | None:
         return None
 
 
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def _enospc(size: int, what: str) -> OutOfSharedMemory:
     free = shm_free_bytes()
-    free_s = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+    free_s = f"{_bytes(free)} free" if free is not None else "free space unknown"
     return OutOfSharedMemory(
         errno.ENOSPC,
-        f"not enough shared memory for {what}: asked for {size / 2**20:.1f} MiB, "
+        f"not enough shared memory for {what}: asked for {_bytes(size)}, "
         f"/dev/shm has {free_s}. Free space in /dev/shm (python -m shm gc removes "
         "segments of dead processes), or enlarge it: in Docker, run with "
         "--shm-size=1g (the default is 64 MiB); on a host, "
