@@ -15,7 +15,11 @@ size). Our kernels call each other across files (``ring.py`` inlines
 ``ring.py`` running. We therefore register a cache locator, ahead of numba's
 own, that claims only files inside this package and stamps every entry with a
 hash of *all* of ``kernels/*.py``: any edit anywhere in the package
-invalidates every cached kernel. Rejected: setting ``numba.config.CACHE_DIR``
+invalidates every cached kernel. The hash is taken when this module is
+imported, before any kernel module is read; a process that sees the files
+change after that stops saving and loading (it could otherwise store code
+compiled from the old sources under the new sources' stamp: found when a
+kernel edit during a test run left a stale ``get_at`` in the cache). Rejected: setting ``numba.config.CACHE_DIR``
 (process-global, it would move the user's own cache too) and stamping with the
 package version only (an edited checkout would run stale code).
 
@@ -45,6 +49,16 @@ from numba.core import caching as _caching
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _fingerprint() -> tuple:
+    """(name, mtime, size) of every ``kernels/*.py``: cheap enough to check at every cache access."""
+    out = []
+    for name in sorted(os.listdir(_HERE)):
+        if name.endswith(".py"):
+            st = os.stat(os.path.join(_HERE, name))
+            out.append((name, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
     """A hash over every ``kernels/*.py`` file and numba's version."""
@@ -61,8 +75,18 @@ def _ours(py_file: str) -> bool:
     return os.path.dirname(os.path.abspath(py_file)) == _HERE
 
 
+# What this process's kernels were compiled from: taken before any kernel
+# module is read. If a file changes after that (someone editing kernels/
+# while this process compiles), the machine code here may be from either
+# version: it must not be saved (or loaded) under either version's stamp.
+_IMPORT_FINGERPRINT = _fingerprint()
+source_hash()
+
+
 class _PackageStampMixin:
     def get_source_stamp(self):
+        if _fingerprint() != _IMPORT_FINGERPRINT:
+            return "changed-since-import-" + os.urandom(8).hex()     # matches nothing, ever
         return source_hash()
 
 

@@ -55,6 +55,20 @@ other. An incrementer that finds COMPACTING goes through the lock instead.
 After adding, it re-reads the entry: if a writer replaced or deleted the
 record meanwhile, the add landed on a dead record and it retries.
 
+*The version word* (``SHARD_ENTRY.version``) lets a process keep values it
+decoded and serve them again without reading the shard (``shm/dict.py``'s
+read cache): ``unlock`` adds one (release) before freeing the lock, and a
+lock-free increment adds ``VERSION_BUSY + 1`` before its fetch_add and
+``1 - VERSION_BUSY`` after. ``get_at`` loads the version, then the lock,
+then reads the value: a value read at version v with the lock free and no
+increment in flight is current for as long as the lock stays free and the
+version reads v (a later write either holds the lock or has changed the
+version). A locked writer that dies leaves the lock held (no cache hits
+until it is recovered, and the recovery's unlock bumps the version); an
+incrementer that dies between its two adds leaves the busy count up (no
+caching on that shard until its next compaction, which waits out live
+incrementers and clears the count).
+
 Rejected: a seqlock per shard (readers retry whenever anyone writes the
 shard, and spin forever if a writer dies mid-write); per-bucket locks
 (flurry's bins: more lock words to recover after a kill); moving records in
@@ -95,6 +109,12 @@ X_BANKS = 10        # address of the bank table (int64[2 * N_BANKS])
 X_KEYMODE = 11      # 0: keys are encoded bytes; 1: int64 keys (numeric mode)
 X_VALKIND = 12      # numeric mode: the one value kind stored (VK_I64 or VK_F64); else 0
 X_OPS = 13          # address of this handle's operation counter (its participant entry's PT_OPS), 0: none
+X_SEEN = 14         # address of an int64[2 * N_BANKS * N_AREAS] array, 0: none. For the get into area a,
+                    # get_at stores [2a] the word index (in the control segment) of the key's shard lock
+                    # (its version is SEEN_VERSION_DELTA words on) and [2a + 1] the shard's version
+                    # before the read, -1 if it was locked or an increment was in flight. Per area, so
+                    # per thread: another thread's get cannot overwrite it.
+SEEN_VERSION_DELTA = (L.SE_VERSION - L.SE_LOCK) >> 3
 X_SHARDS = 16       # per shard, X_STRIDE words:
 S_ADDR = 0          #   mapped address of its current generation (0: not mapped)
 S_SIZE = 1          #   mapped size
@@ -292,7 +312,11 @@ def get(d, key, koff, n, dst, dst_off, dst_cap):
     small; the length is in the return of ``value_len``), MOVED, UNMAPPED or
     CORRUPT. Lock-free; usable from a user's own @njit code.
     """
-    h = _hash(d, key, koff, n)
+    return _get(d, key, koff, n, dst, dst_off, dst_cap, _hash(d, key, koff, n))
+
+
+@jit(inline="always")
+def _get(d, key, koff, n, dst, dst_off, dst_cap, h):
     s = shard_of(d, h)
     if not _mapped(d, s):
         return UNMAPPED
@@ -353,6 +377,12 @@ def value_len(d, key, koff, n):
 
 
 @jit(inline="always")
+def _lock_w(d, s):
+    """Word index of shard ``s``'s lock in the control segment (its version is SEEN_VERSION_DELTA on)."""
+    return (d[X_TABLE] + s * L.SE_SIZE + L.SE_LOCK) >> 3
+
+
+@jit(inline="always")
 def _tick(d):
     """Count one operation on this handle's participant entry (``X_OPS``), for ``python -m shm top``.
 
@@ -381,7 +411,19 @@ def get_at(daddr, key_addr, n):
     if a < 0:
         return NO_BANK
     cap = d[X_AREA_SIZE]
-    r = get(d, u8_at(key_addr, n), 0, n, u8_at(d[X_DST] + a * cap, cap), 0, cap)
+    key = u8_at(key_addr, n)
+    h = _hash(d, key, 0, n)
+    # The version, then the lock, then the value (see "The version word").
+    if d[X_SEEN] != 0:
+        c = _ctrl(d)
+        lw = _lock_w(d, shard_of(d, h))
+        v = A.load(c, lw + SEEN_VERSION_DELTA, "acquire")
+        seen = i64_at(d[X_SEEN], 2 * (AREA_MASK + 1))
+        # Through atomics.store: a plain store into a carray view is a dead store to numba.
+        A.store(seen, 2 * a, lw, "relaxed")
+        A.store(seen, 2 * a + 1, v if A.load(c, lw, "acquire") == 0 and 0 <= v < L.VERSION_BUSY else -1,
+                "relaxed")
+    r = _get(d, key, 0, n, u8_at(d[X_DST] + a * cap, cap), 0, cap, h)
     if r >= 0:
         return ((r >> 8) << LEN_SHIFT) | (a << AREA_SHIFT) | (r & 0xFF)
     return r
@@ -416,11 +458,6 @@ def shard_of_at(daddr, key_addr, n):
 # --------------------------------------------------------------------------
 # Locks (robust: the owner is recorded; shm/dict.py recovers a dead owner's).
 
-@jit(inline="always")
-def _lock_w(d, s):
-    return (d[X_TABLE] + s * L.SE_SIZE + L.SE_LOCK) >> 3
-
-
 @jit
 def try_lock(d, s, spins):
     """Take shard ``s``'s lock, spinning up to ``spins`` backoff steps. 1 if taken, else 0."""
@@ -443,6 +480,9 @@ def unlock(d, s):
     """Release shard ``s``'s lock (held by this participant); wake a parked waiter."""
     c = _ctrl(d)
     lw = _lock_w(d, s)
+    # Before the lock is seen free: pairs with get_at's load of the version
+    # and a cache hit's load of the lock (shm/dict.py).
+    A.fetch_add(c, lw + SEEN_VERSION_DELTA, 1, "release")
     old = A.exchange(c, lw, 0, "release")
     if old & L.LOCK_WAITERS:
         futex_wake(c, lw, 1)
@@ -463,6 +503,26 @@ def unlock_at(daddr, s):
     if d[X_CTRL_SIZE] == 0:
         return CLOSED
     return unlock(d, s)
+
+
+@jit("int64(int64, int64)", nogil=False)
+def settle_version_at(daddr, s):
+    """Clear shard ``s``'s in-flight increment count and bump its version.
+
+    Only for a frozen shard (COMPACTING, no live announcer, lock held): any
+    count left is from incrementers that died between their two adds.
+    """
+    d = i64_at(daddr, X_SHARDS)
+    if d[X_CTRL_SIZE] == 0:
+        return CLOSED
+    c = _ctrl(d)
+    vw = _lock_w(d, s) + SEEN_VERSION_DELTA
+    v = A.load(c, vw, "relaxed")
+    while True:
+        seen = A.cas(c, vw, v, (v & L.VERSION_MASK) + 1, "acq_rel")
+        if seen == v:
+            return OK
+        v = seen
 
 
 @jit("int64(int64, int64, int64)")
@@ -725,7 +785,10 @@ def incr(d, key, koff, n, delta, out, out_off):
         if st != L.SHARD_LIVE:
             A.store(c, aw, 0, "release")
             return MOVED if st == L.SHARD_REPLACED else BUSY
+        vw = _lock_w(d, s) + SEEN_VERSION_DELTA
+        A.fetch_add(c, vw, L.VERSION_BUSY + 1, "seq_cst")
         ok, old = _add_checked(w, (ro + L.RC_VALUE) >> 3, delta)
+        A.fetch_add(c, vw, 1 - L.VERSION_BUSY, "release")
         A.store(c, aw, 0, "release")
         if not ok:
             return OVERFLOW

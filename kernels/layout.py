@@ -383,8 +383,16 @@ SHARD_ENTRY = Layout("shard_entry", [
     Field("gen", 8, atomic=True),          # current generation of the shard's segment
     Field("lock_waits", 8, atomic=True),   # acquisitions that had to wait
     Field("growths", 8, atomic=True),
+    # Bits 0-47 count finished writes to the shard (every unlock, every
+    # lock-free increment); bits 48-62 count lock-free increments in flight.
+    # A process may serve a value it read at version v while the word still
+    # reads v and the lock is free (shm/dict.py's read cache).
+    Field("version", 8, atomic=True),
 ], size=CACHE_LINE)
 SE_LOCK = SHARD_ENTRY["lock"]
+SE_VERSION = SHARD_ENTRY["version"]
+VERSION_BUSY = 1 << 48          # one lock-free increment in flight
+VERSION_MASK = VERSION_BUSY - 1
 SE_GEN = SHARD_ENTRY["gen"]
 SE_LOCK_WAITS = SHARD_ENTRY["lock_waits"]
 SE_GROWTHS = SHARD_ENTRY["growths"]

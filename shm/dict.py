@@ -21,6 +21,11 @@ reads and writes it directly, with no manager process and no RPC.
 * ``compare_and_set``, ``setdefault``, ``pop``, ``popitem`` and ``alter``
   are atomic: they hold the key's shard lock across the read and the
   write.
+* Each handle keeps the small immutable values it read (ints, floats,
+  short strings and bytes, under str and int keys) and serves them again
+  while the key's shard is unlocked and its version unchanged (two loads
+  of shared memory, no kernel call): reads stay linearizable, and a
+  repeated read costs about what a local dict lookup costs.
 * The table grows (and reclaims deleted space) shard by shard, online.
 * A process killed while holding a shard lock, even in the middle of
   growing the shard, never wedges the others: the first survivor to wait
@@ -80,6 +85,7 @@ _LOCK_PARK = _entry(H.lock_park_at)
 _LOCK_STEAL = _entry(H.lock_steal_at)
 _LOCK_OWNER = _entry(H.lock_owner_at)
 _ANNOUNCER = _entry(H.announcer_at)
+_SETTLE = _entry(H.settle_version_at)
 _CLEAR_ANNOUNCE = _entry(H.clear_announce_at)
 _SET_STATE = _entry(H.set_state_at)
 _PUBLISH = _entry(H.publish_at)
@@ -109,6 +115,11 @@ MIN_HEAP = 4096               # a new dict's shards start this small...
 MIN_GROWN_HEAP = 64 << 10     # ...and a compacted shard never gets less (fewer compactions)
 SPIN = 10                     # backoff steps spent spinning on a shard lock before parking
 KEY_CACHE = 1 << 15           # encoded str keys remembered per handle (cleared when full)
+VALUE_CACHE = 1 << 16         # values remembered per handle for cached reads (cleared when full)
+VALUE_CACHE_MAX = 1024        # longest str or bytes value kept there
+_CACHEABLE = frozenset((int, float, str, bytes, bool, type(None)))    # immutable: safe to hand out again
+_VER_DELTA = H.SEEN_VERSION_DELTA
+_NOVALUE = object()
 _KEY_TYPES = {None: 0, "any": 0, "int64": 1}
 _VALUE_TYPES = {None: 0, "any": 0, "int64": 1, "float64": 2}
 
@@ -263,6 +274,14 @@ class SharedDict(MutableMapping):
         self._segs: list[Segment | None] = [None] * nshards
         self._snap = np.zeros(1 << 16, np.uint8)
         self._kc: dict[str, bytes] = {}
+        # The read cache: key -> (lock word index, version, value); see kernels/hashtable.py,
+        # "The version word". Numeric mode's increments do not bump versions: no cache there.
+        self._vc: dict = {}
+        self._cw = memoryview(ctrl.mm).cast("q") if not self._numeric else None
+        self._seen = np.zeros(2 * H.N_BANKS * H.N_AREAS, np.int64)
+        self._sw = memoryview(self._seen)
+        if not self._numeric:
+            d[H.X_SEEN] = self._seen.ctypes.data
         self._closed = False
         self._register()
         for s in range(nshards):
@@ -296,6 +315,7 @@ class SharedDict(MutableMapping):
                 self._register()
             except ShmError:
                 self._closed = True
+                self._vc = {}
 
     # ------------------------------------------------------------------
     # Shard generations.
@@ -494,6 +514,7 @@ class SharedDict(MutableMapping):
         while True:
             p = _ANNOUNCER(self._daddr, s)
             if p < 0:
+                _SETTLE(self._daddr, s)     # clears what incrementers that died mid-add left in the version
                 return
             if time.monotonic() > deadline:
                 st, pid, start, ns = self._registry.entry(p)
@@ -696,30 +717,60 @@ class SharedDict(MutableMapping):
         return _SHARD_OF(self._daddr, id(kb) + BYTES_OFF, len(kb))
 
     def __getitem__(self, key):
-        # The fast path: one kernel call. A closed dict's descriptor makes the
-        # kernel return CLOSED, so no check is needed here.
-        kb = self._kc.get(key) if type(key) is str else None
+        # The fastest path: a value this handle read before, still current if the
+        # shard's lock is free and its version unchanged (lock first, then version).
+        t = type(key)
+        if t is str or t is int:
+            e = self._vc.get(key)
+            if e is not None:
+                cw = self._cw
+                i = e[0]
+                if cw[i] == 0 and cw[i + _VER_DELTA] == e[1]:
+                    return e[2]
+            kb = self._kc.get(key) if t is str else None
+        else:
+            kb = None
         if kb is None:
             kb = self._key(key)
+        # The fast path: one kernel call. A closed dict's descriptor makes the
+        # kernel return CLOSED, so no check is needed here.
         r = _GET(self._daddr, id(kb) + _OFF, len(kb))
         if r >= 0:
             kind = r & 0xFF
-            off = ((r >> 8) & _AMASK) * AREA
+            a = (r >> 8) & _AMASK
+            off = a * AREA
             if kind == _VK_I64:
-                return _unpack_i64(self._sbytes, off)[0]
-            buf = self._sbytes[off:off + (r >> 17)]
-            if kind == self._kind:
-                try:
-                    return self._dec_fast(buf)
-                except Exception:
-                    pass
-            return self._decode(kind, buf)
+                v = _unpack_i64(self._sbytes, off)[0]
+            else:
+                buf = self._sbytes[off:off + (r >> 17)]
+                v = _NOVALUE
+                if kind == self._kind:
+                    try:
+                        v = self._dec_fast(buf)
+                    except Exception:
+                        pass
+                if v is _NOVALUE:
+                    return self._decode(kind, buf)
+            if (t is str or t is int) and self._cw is not None and type(v) in _CACHEABLE:
+                self._remember(key, v, a)
+            return v
         if r == _NOTFOUND:
             raise KeyError(key)
         found, v = self._lookup(key, kb)
         if not found:
             raise KeyError(key)
         return v
+
+    def _remember(self, key, v, a: int) -> None:
+        """Keep ``v`` (read into area ``a``) for cached reads, with the version seen before reading it."""
+        sw = self._sw
+        ver = sw[2 * a + 1]
+        if ver < 0 or (type(v) in (str, bytes) and len(v) > VALUE_CACHE_MAX):
+            return
+        vc = self._vc
+        if len(vc) >= VALUE_CACHE:
+            vc.clear()
+        vc[key] = (sw[2 * a], ver, v)
 
     def get(self, key, default=None):
         """``d[key]`` if present, else ``default`` (lock-free)."""
@@ -1116,6 +1167,8 @@ class SharedDict(MutableMapping):
         if self._closed:
             return
         self._closed = True
+        self._vc = {}
+        self._cw = None                 # drop the view first, so the control segment can be unmapped
         _OPEN.pop(id(self), None)
         reg = self._registry
         last = False

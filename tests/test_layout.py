@@ -175,7 +175,8 @@ CONSTANTS = {
     "DC_": (L.DICT, L.DC_BASE, {
         "ROLES": "roles", "ROLES2": "roles2", "TOKENS": "tokens", "TOKENS2": "tokens2", "WAITERS": "waiters",
         "WAITERS2": "waiters2", "GROWTHS": "growths", "REPAIRS": "repairs", "REAPED": "reaped"}),
-    "SE_": (L.SHARD_ENTRY, 0, {"LOCK": "lock", "GEN": "gen", "LOCK_WAITS": "lock_waits", "GROWTHS": "growths"}),
+    "SE_": (L.SHARD_ENTRY, 0, {"LOCK": "lock", "GEN": "gen", "LOCK_WAITS": "lock_waits", "GROWTHS": "growths",
+                               "VERSION": "version"}),
     "SH_": (L.SHARD, L.SH_BASE, {"STATE": "state", "BUMP": "bump", "COUNT": "count", "TOMBS": "tombs",
                                  "GARBAGE": "garbage"}),
     "RC_": (L.RECORD, 0, {"HASH": "hash", "INFO": "info", "VALUE": "value"}),
