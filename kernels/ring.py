@@ -209,6 +209,7 @@ SIDE_TX = 1         # senders waiting for space
 SPIN_STEPS = 10     # backoff steps of 2**k pauses (k <= 6) before yielding
 WRITER_SPIN = 4096  # pauses a pop waits for a producer mid-write at head (~100 us at most)
 YIELD_STEPS = 4     # sched_yield()s before giving up a spin
+STALE_LIMIT = 1 << 16   # re-reads of an unchanged tail (head) behind its slot before CORRUPT
 
 
 @jit(inline="always")
@@ -367,8 +368,12 @@ def _claim_push(w, d, me):
     """Claim the slot at ``tail`` for ``me``. Returns its position or FULL/SEALED."""
     tw = _tail_w(d)
     cap = d[D_CAP]
+    last = -1
+    stale = 0
     while True:
         tail = A.load(w, tw, "relaxed")
+        if tail < 0:
+            return CORRUPT      # a position never gets there; returned, it would read as a status
         if tail & SEALED_BIT:
             return SEALED
         sw = _slot_off(d, tail) >> 3
@@ -398,7 +403,13 @@ def _claim_push(w, d, me):
             # here: the slot of a position already claimed shows that position
             # or a later one.)
             return FULL
-        # dp > 0: our tail was stale; retry.
+        # dp > 0: our tail was stale; retry. A claimed position is in tail
+        # before its slot can move on, so a tail that stays behind its slot
+        # is corrupt, not stale: never spin on it forever.
+        stale = stale + 1 if tail == last else 0
+        last = tail
+        if stale > STALE_LIMIT:
+            return CORRUPT
 
 
 @jit(inline="always")
@@ -575,8 +586,12 @@ def _claim_pop(w, d, me, peek_blob):
     checked_senders = False
     senders = True
     waited = 0
+    last = -1
+    stale = 0
     while True:
         head = A.load(w, hw, "relaxed")
+        if head < 0:
+            return CORRUPT      # see _claim_push
         sw = _slot_off(d, head) >> 3
         s = A.load(w, sw, "acquire")
         if s == stamp(head, 0, PUBLISHED):
@@ -593,7 +608,13 @@ def _claim_pop(w, d, me, peek_blob):
             A.cas(w, hw, head, head + 1, "relaxed")   # help the claimant of `head`
             continue
         if dp > d[D_CAP]:
-            continue            # stale head
+            # A stale head, moved on by others: re-read it. One that stays
+            # behind its slot is corrupt (see _claim_push).
+            stale = stale + 1 if head == last else 0
+            last = head
+            if stale > STALE_LIMIT:
+                return CORRUPT
+            continue
         # Nothing published at head. Check disconnection *before* re-checking
         # the slot (flume's "check disconnect before msg"): a sender clears
         # its role bit after its last publish, so if we see no sender, we also

@@ -93,7 +93,9 @@ def _inc(s: int) -> int:
 
 
 def _state(inc: int, pid: int, code: int) -> int:
-    return ((inc & 0xFFFFFF) << L.PS_INC_SHIFT) | ((pid & L.PS_PID_MASK) << L.PS_PID_SHIFT) | code
+    s = ((inc & 0xFFFFFF) << L.PS_INC_SHIFT) | ((pid & L.PS_PID_MASK) << L.PS_PID_SHIFT) | code
+    # As the int64 word reads back: incarnations from 2**23 on set the sign bit.
+    return s - (1 << 64) if s >> 63 else s
 
 
 class Registry:

@@ -309,7 +309,11 @@ class Segment:
                 f"{L.KIND_NAMES.get(kind, f'kind-{kind}')}: open it with the matching class")
         self.kind = k
         self.params = tuple(int(x) for x in h[(L.SEG_PARAMS >> 3):(L.SEG_PARAMS >> 3) + 8])
-        self.family = bytes(self.u8[L.SEG_FAMILY:L.SEG_FAMILY + L.FAMILY_LEN]).rstrip(b"\0").decode("ascii", "replace")
+        family = bytes(self.u8[L.SEG_FAMILY:L.SEG_FAMILY + L.FAMILY_LEN]).rstrip(b"\0").decode("ascii", "replace")
+        if not _NAME_RE.match(family):
+            # Derived segments are named from it: never let a header steer names (a CRC can be forged).
+            raise CorruptSegment(f"segment {name!r} has an invalid family {family!r} in its header")
+        self.family = family
 
     def _young(self) -> bool:
         try:
