@@ -324,7 +324,7 @@ class Sender(_Handle):
         exception's ``.message`` is the list of items not sent.
         """
         c = self._chan()
-        c.send_many(items, deadline_of(timeout))
+        c.send_many(items, _deadline(timeout))
 
     def is_disconnected(self) -> bool:
         """True when no receiver is left (this also reaps receivers that died)."""
@@ -358,7 +358,7 @@ class Receiver(_Handle):
         """Wait up to ``timeout`` for at least one message, then return up to ``max_items`` queued ones."""
         if max_items < 1:
             raise ValueError("max_items must be >= 1")
-        return self._chan().recv_many(max_items, deadline_of(timeout))
+        return self._chan().recv_many(max_items, _deadline(timeout))
 
     def drain(self) -> list:
         """Every message queued right now, without waiting (possibly ``[]``)."""
@@ -385,6 +385,14 @@ class Receiver(_Handle):
         return not c.registry.has_role(L.ROLE_TX)
 
 
+def _deadline(timeout):
+    """``deadline_of``, refusing what ``send``/``recv`` refuse: a negative or NaN
+    timeout (ValueError) and a str or bytes (TypeError, which float() would take)."""
+    if timeout is not None and not timeout >= 0:
+        raise ValueError("timeout must be a non-negative number of seconds (or None)")
+    return deadline_of(timeout)
+
+
 # --------------------------------------------------------------------------
 # The fast paths. Everything they need is bound in the closure; the common
 # case is one kernel call (push_at / pop_at, ~0.1 us) plus the codec.
@@ -395,7 +403,7 @@ def _make_send(c: _Chan, blocking: bool):
 
     if blocking:
         def send(obj, timeout=None):
-            if timeout is not None and timeout < 0:
+            if timeout is not None and not timeout >= 0:     # negative or NaN, even when it would not wait
                 raise ValueError("timeout must be a non-negative number of seconds (or None)")
             if raw and type(obj) is bytes:
                 data = obj
@@ -450,7 +458,7 @@ def _make_recv(c: _Chan, blocking: bool):
     # One closure per codec, so the common case takes no branch it does not need.
     if c.raw:
         def recv(timeout=None):
-            if timeout is not None and timeout < 0:
+            if timeout is not None and not timeout >= 0:     # negative or NaN, even when it would not wait
                 raise ValueError("timeout must be a non-negative number of seconds (or None)")
             r = POP(c.rx_addr)
             if r == EMPTY:
@@ -463,7 +471,7 @@ def _make_recv(c: _Chan, blocking: bool):
             return slow(rx0, r, deadline_of(timeout))
     else:
         def recv(timeout=None):
-            if timeout is not None and timeout < 0:
+            if timeout is not None and not timeout >= 0:     # negative or NaN, even when it would not wait
                 raise ValueError("timeout must be a non-negative number of seconds (or None)")
             r = POP(c.rx_addr)
             if r == EMPTY:

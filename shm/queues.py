@@ -35,7 +35,7 @@ import time
 from kernels import layout as L
 from kernels import words as W
 
-from .channel import Receiver, Sender, bounded, unbounded
+from .channel import Receiver, Sender, _deadline, bounded, unbounded
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue"]
 
@@ -209,11 +209,12 @@ class JoinableQueue(Queue):
         """Block until every item put has been marked done (or ``timeout`` passes).
 
         Returns True when all tasks are done, False on timeout (``multiprocessing``'s
-        ``join`` takes no timeout and returns None).
+        ``join`` takes no timeout and returns None). A negative or NaN timeout is
+        a ``ValueError``, as for ``get`` and ``put``.
         """
         self._check()
         w, i = self._tasks()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)     # a NaN deadline would never pass: ValueError, as for a negative one
         while True:
             v = W.load(w, i)
             if v <= 0:
