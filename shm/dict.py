@@ -66,7 +66,7 @@ from ._chan import BYTES_OFF, _entry
 from ._keys import decode_key, encode_key
 from ._registry import PEER_CHECK, Registry
 from .codec import get_codec
-from .errors import Closed, CorruptSegment, SegmentExists, SegmentNotFound, ShmError
+from .errors import Closed, CorruptSegment, OutOfSharedMemory, SegmentExists, SegmentNotFound, ShmError
 from .segment import Segment, check_name, new_name, unlink_name
 
 __all__ = ["SharedDict", "DictStats"]
@@ -112,7 +112,10 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 AREA = 512                    # result area: values up to this many bytes come back in one call
 MIN_SLOTS = 16
 MIN_HEAP = 4096               # a new dict's shards start this small...
-MIN_GROWN_HEAP = 64 << 10     # ...and a compacted shard never gets less (fewer compactions)
+MIN_GROWN_HEAP = 64 << 10     # ...and a compacted shard never gets less
+GROWN_HEADROOM = 256 << 10    # room a compaction leaves for writes, at least (a compaction costs
+                              # ~0.7 ms: with room for only as much as the live data, a small
+                              # shard under overwrites compacted every ~1000 sets, ~0.5 us a set)
 SPIN = 10                     # backoff steps spent spinning on a shard lock before parking
 KEY_CACHE = 1 << 15           # encoded str keys remembered per handle (cleared when full)
 VALUE_CACHE = 1 << 16         # values remembered per handle for cached reads (cleared when full)
@@ -541,13 +544,23 @@ class SharedDict(MutableMapping):
         live = min(max(0, _STAT(self._daddr, s, L.SH_BUMP) - _STAT(self._daddr, s, L.SH_GARBAGE)),
                    int(self._d[x + H.S_HEAP_SIZE]))
         nslots = max(MIN_SLOTS, _pow2(2 * (count + 2)))
-        # Twice the live records (amortised growth) plus room for the write
-        # that asked: a 64 MiB value gets a ~64 MiB heap, not a power of two above 128.
-        heap = max(MIN_GROWN_HEAP, -(-(2 * live + extra + 2 * L.RECORD_HEADER) // 4096) * 4096)
+        # The live records, room for as much again (amortised growth; at least
+        # GROWN_HEADROOM), plus the write that asked: a 64 MiB value gets a
+        # ~64 MiB heap, not a power of two above 128.
+        room = max(live, GROWN_HEADROOM)
+        heap = max(MIN_GROWN_HEAP, -(-(live + room + extra + 2 * L.RECORD_HEADER) // 4096) * 4096)
         old_gen = int(self._d[x + H.S_GEN])
         gen = old_gen + 1
         while True:
-            name = self._create_gen(self._family, self._name, s, gen, nslots, heap)
+            try:
+                name = self._create_gen(self._family, self._name, s, gen, nslots, heap)
+            except OutOfSharedMemory:
+                # /dev/shm is short: the headroom is an optimisation, the data is not.
+                tight = max(MIN_HEAP, -(-(live + extra + 2 * L.RECORD_HEADER) // 4096) * 4096)
+                if heap <= tight:
+                    raise
+                heap = tight
+                continue
             seg = Segment.attach(name, kind=L.KIND_SHARD)
             p = seg.params
             try:
