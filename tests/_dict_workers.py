@@ -163,3 +163,86 @@ def check_chaos(d, wids) -> int:
 
 def idle(seconds: float):
     time.sleep(seconds)
+
+
+# --------------------------------------------------------------------------
+# Chaos-test writers (tests/test_chaos.py): a writer's operations are a pure
+# function of (wid, seed, n_ops), so the test replays them into a model and
+# checks what the table holds against it.
+
+N_OWN = 40          # keys (wid, 0..39) per writer
+N_SHARED = 4        # ("total", 0..3): counters every writer increments
+
+
+def model_ops(wid: int, seed: int, n_ops: int):
+    """The writer's operations: (op, key, seq) with op in set/pop/incr/alter/shared."""
+    import random
+    rng = random.Random(seed)
+    for i in range(n_ops):
+        j = rng.randrange(N_OWN)
+        x = rng.random()
+        if x < 0.45:
+            yield "set", (wid, j), j + N_OWN * i
+        elif x < 0.55:
+            yield "pop", (wid, j), None
+        elif x < 0.75:
+            yield "incr", ("c", wid), None
+        elif x < 0.85:
+            yield "alter", ("a", wid), None
+        else:
+            yield "shared", ("total", j % N_SHARED), None
+
+
+def model_value(wid: int, seq: int) -> bytes:
+    return make_msg(wid, seq, big_every=37)     # one value in 37 is ~70 KB
+
+
+def model_writer(d, wid: int, seed: int, n_ops: int):
+    """Mark ("started", wid), then run model_ops on the dict, in order."""
+    d[("started", wid)] = 1
+    for op, key, seq in model_ops(wid, seed, n_ops):
+        if op == "set":
+            d[key] = model_value(wid, seq)
+        elif op == "pop":
+            d.pop(key, None)
+        elif op == "alter":
+            d.alter(key, lambda v: v + 1, default=0)
+        else:
+            d.incr(key)
+    d.close()
+
+
+def match_model(snap: dict, wid: int, seed: int, n_ops: int) -> list[tuple[int, tuple]]:
+    """Every prefix length m whose model state equals what ``snap`` holds for
+    writer ``wid``'s own keys, with the shared increments of that prefix:
+    [(m, (shared counts...)), ...]. Values are checked messages: a corrupt
+    one, or one of another writer, raises AssertionError."""
+    actual = {}
+    for k, v in snap.items():
+        if not isinstance(k, tuple) or len(k) != 2:
+            continue
+        if k[0] == wid and isinstance(k[0], int):
+            tag, seq = check_msg(v)
+            assert tag == wid and seq % N_OWN == k[1], f"value of {k!r} belongs to ({tag}, {seq})"
+            actual[k] = seq
+        elif k in (("c", wid), ("a", wid)):
+            actual[k] = v
+    model: dict = {}
+    shared = [0] * N_SHARED
+    bad = len(actual)           # keys where actual != model (the model starts empty)
+    out = [(0, tuple(shared))] if bad == 0 else []
+    for m, (op, key, seq) in enumerate(model_ops(wid, seed, n_ops), 1):
+        if op == "shared":
+            shared[key[1]] += 1
+        else:
+            before = actual.get(key) == model.get(key)
+            if op == "set":
+                model[key] = seq
+            elif op == "pop":
+                model.pop(key, None)
+            else:
+                model[key] = model.get(key, 0) + 1
+            bad += (before) - (actual.get(key) == model.get(key))
+        if bad == 0:
+            out.append((m, tuple(shared)))
+    return out

@@ -178,3 +178,109 @@ def parked_receiver(name: str, fd: int):
 def spin_forever():
     while True:
         time.sleep(1)
+
+
+# --------------------------------------------------------------------------
+# Chaos-test roles (tests/test_chaos.py): shm.Queue producers and consumers,
+# and a process that owns a whole structure until it is killed.
+
+def queue_produce(q, tag: int, n: int, big_every: int = 0):
+    for i in range(n):
+        q.put(make_msg(tag, i, big_every))
+    q.close()
+
+
+def queue_consume(q, fd: int):
+    """Get checked messages until a None sentinel, logging (tag, seq) to a pipe."""
+    while True:
+        m = q.get()
+        if m is None:
+            break
+        tag, seq = check_msg(m)
+        os.write(fd, REC.pack(tag, seq))
+    q.close()
+    os.close(fd)
+
+
+def leak_owner(fd: int):
+    """Make a channel (ring generations, blob slots) and a SharedDict, share both
+    with a forked child, report ``pid child-pid channel dict`` on ``fd``, then
+    keep using them until killed: the test kills both processes, leaving
+    structures that only ``python -m shm gc`` can reclaim."""
+    tx, rx = shm.unbounded(codec="bytes")
+    d = shm.SharedDict()
+    for i in range(200):                        # past the first generation, blobs included
+        tx.send(make_msg(-9, i, big_every=20))
+    d.update({("leak", i): make_msg(-9, i, big_every=10) for i in range(200)})
+    child = os.fork()
+    if child == 0:                              # the child: a receiver, parked once drained
+        try:
+            while True:
+                check_msg(rx.recv())
+                d.incr("child")
+        finally:
+            os._exit(1)
+    os.write(fd, f"{os.getpid()} {child} {tx.name} {d.name}\n".encode())
+    os.close(fd)
+    i = 0
+    while True:
+        i += 1
+        d.incr("owner")
+        if i % 50 == 0:
+            tx.send(make_msg(-9, i, big_every=3))
+        time.sleep(0.001)
+
+
+# --------------------------------------------------------------------------
+# Load-test roles (tests/test_load.py): more processes than cores, one
+# channel and one SharedDict, for a fixed time.
+
+def load_producer(tx, d, tag: int, seconds: float, fd: int):
+    """Send checked messages and incr shared counters until ``seconds`` pass;
+    report (messages sent, increments) as one record on ``fd``."""
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        for _ in range(64):
+            tx.send(make_msg(tag, i, big_every=997))
+            d.incr(("sent", i % 8))
+            i += 1
+    tx.close()
+    d.close()
+    os.write(fd, REC.pack(tag, i))
+    os.close(fd)
+
+
+def load_consumer(rx, d, fd: int):
+    """Receive until disconnected, checking each message, logging (tag, seq) to
+    ``fd`` and counting it in the dict."""
+    buf = bytearray()
+    for m in rx:
+        tag, seq = check_msg(m)
+        d.incr(("received", seq % 8))
+        buf += REC.pack(tag, seq)
+        if len(buf) >= 1 << 14:
+            _write_all(fd, buf)
+            buf.clear()
+    _write_all(fd, buf)
+    rx.close()
+    d.close()
+    os.close(fd)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def parked_sender(name: str, fd: int, n_fill: int):
+    """Fill the bounded channel ``name``, say so on ``fd``, then block in send."""
+    tx = shm.Sender.open(name)
+    for i in range(n_fill):
+        tx.send(i)
+    os.write(fd, b"s")
+    try:
+        tx.send(n_fill, timeout=120)
+    except shm.ShmError:
+        pass
