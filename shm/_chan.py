@@ -1389,7 +1389,9 @@ class _Chan:
         last = False
         if self.me >= 0 and reg.mine(self.me):
             try:
-                reg.sweep(on_reap=self._recover, skip=self.me)
+                n = reg.sweep(on_reap=self._recover, skip=self.me)
+                if n:       # stats().reaped counts every reap, not only a parked waiter's
+                    W.fetch_add(self.ctrl.w, L.CH_REAPED >> 3, n)
             except ShmError:
                 pass
             # From here other threads of ours get Closed: their kernel calls

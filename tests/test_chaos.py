@@ -570,3 +570,38 @@ def test_kill_chaos_across_every_structure():
         time.sleep(0.05)
     assert not left, f"segments left after every structure was closed: {sorted(left)[:10]}"
 
+
+def _hold_then_sleep(tx, fd):
+    tx.send(b"x")
+    os.write(fd, b"r")
+    time.sleep(600)
+
+
+def _open_and_close(name):
+    shm.Sender.open(name).close()
+
+
+def test_reaped_counts_participants_reaped_by_a_closing_process():
+    """stats().reaped counts a dead participant whoever reaps it: here the
+    process that closes its handle next (its leaving sweep) rather than a
+    parked waiter."""
+    tx, rx = shm.bounded(4, codec="bytes")
+    r, w = os.pipe()
+    p = FORK.Process(target=_hold_then_sleep, args=(tx, w))
+    p.start()
+    os.close(w)
+    assert os.read(r, 1) == b"r"
+    os.close(r)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    assert rx.stats().senders == 2            # the dead one counts until someone reaps it
+    c = FORK.Process(target=_open_and_close, args=(tx.name,))
+    c.start()
+    c.join(30)
+    assert c.exitcode == 0
+    s = rx.stats()
+    assert s.senders == 1, "the closing process did not reap the dead sender"
+    assert s.reaped == 1, f"stats().reaped is {s.reaped} after one participant was reaped"
+    assert rx.recv(timeout=10) == b"x"
+    tx.close()
+    rx.close()
