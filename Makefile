@@ -22,13 +22,16 @@ demo: $(STAMP)
 
 # The whole suite. Cost knobs (environment): SHM_TEST_COUNT scales message
 # counts in the stress-shaped tests (default 20000); SHM_KILL_ROUNDS the kill
-# tests' rounds (default 6). The suite is sized to finish in minutes on 2 cores.
+# tests' rounds (default 6); SHM_CHAOS_SECONDS / SHM_CHAOS_KILLS the kill chaos
+# (default 30 s and at least 200 kills); SHM_LOAD_SECONDS the load test (default
+# 10). The suite is sized to finish in minutes on 2 cores.
 test: $(STAMP)
 	$(VPY) -m pytest -q
 
-# The same suite, ten times the messages and kill rounds, plus the soak tests.
+# The same suite, ten times the messages and kill rounds, a minute of load,
+# 4 minutes and 1000+ kills of chaos, plus the soak tests.
 stress: $(STAMP)
-	SHM_TEST_COUNT=200000 SHM_KILL_ROUNDS=60 SHM_STRESS=1 $(VPY) -m pytest -q
+	SHM_TEST_COUNT=200000 SHM_KILL_ROUNDS=60 SHM_LOAD_SECONDS=60 SHM_STRESS=1 $(VPY) -m pytest -q
 
 # Benchmarks against peers (installs the peers as the `bench` extra). Results
 # go to bench/results/ as Markdown tables and PNG charts.
