@@ -14,9 +14,10 @@ See README.md for the tour.
 """
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
 from .queues import JoinableQueue, Queue, SimpleQueue
+from ._select import select, select_async
 from .errors import (AccessDenied, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
-                     SegmentExists, SegmentNotFound, ShmError, TooManyParticipants, WrongKind)
+                     SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind)
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ __all__ = [
     "Queue", "SimpleQueue", "JoinableQueue", "SharedDict", "DictStats",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
-    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "AccessDenied",
+    "select", "select_async", "SelectTimeout",
 ]

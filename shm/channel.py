@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from kernels import layout as L
 from kernels import ring as R
 
-from . import _chan
+from . import _async, _chan
 from ._chan import _POP, _POP_SPIN_GIL, _PUSH, _PUSH_SPIN_GIL, BYTES_OFF, SHORT_SPIN as _SHORT, _Chan
 from ._wait import deadline_of
-from .errors import Closed, Disconnected, Empty
+from .errors import Closed, Disconnected, Empty, Full
 
 __all__ = ["bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats"]
 
@@ -326,6 +326,25 @@ class Sender(_Handle):
         c = self._chan()
         c.send_many(items, _deadline(timeout))
 
+    async def send_async(self, obj, timeout: float | None = None) -> None:
+        """``send`` for asyncio: awaits room without blocking the event loop.
+
+        Same errors as ``send``. Cancelled while waiting, it has sent nothing.
+        """
+        c = self._chan()
+        deadline = _deadline(timeout)
+        try_send = self.try_send
+
+        def attempt():
+            try:
+                try_send(obj)
+                return True
+            except Full:
+                return None
+
+        if await _async.wait_ready([(c, R.SIDE_TX)], attempt, deadline) is None:
+            raise Full(f"no room on channel {c.name!r} before the timeout", message=obj)
+
     def is_disconnected(self) -> bool:
         """True when no receiver is left (this also reaps receivers that died)."""
         c = self._chan()
@@ -377,6 +396,39 @@ class Receiver(_Handle):
                 yield recv()
             except Disconnected:
                 return
+
+    async def recv_async(self, timeout: float | None = None):
+        """``recv`` for asyncio: awaits a message without blocking the event loop.
+
+        Same errors as ``recv``. Cancelled while waiting (``asyncio.wait_for``,
+        ``asyncio.timeout``, ``task.cancel()``), it has taken no message.
+        """
+        c = self._chan()
+        deadline = _deadline(timeout)
+        try_recv = self.try_recv
+
+        def attempt():
+            try:
+                return (try_recv(),)
+            except Empty:
+                return None
+
+        r = await _async.wait_ready([(c, R.SIDE_RX)], attempt, deadline)
+        if r is None:
+            raise Empty(f"nothing arrived on channel {c.name!r} before the timeout")
+        return r[0]
+
+    def __aiter__(self):
+        """``async for msg in rx``: messages until every sender is gone and the channel is drained."""
+        return self._messages_async()
+
+    async def _messages_async(self):
+        while True:
+            try:
+                msg = await self.recv_async()
+            except Disconnected:
+                return
+            yield msg
 
     def is_disconnected(self) -> bool:
         """True when no sender is left (queued messages may remain)."""

@@ -21,7 +21,7 @@ __all__ = [
     "ShmError", "Empty", "Full", "Disconnected", "Closed",
     "EncodeError", "DecodeError", "MessageTooLarge",
     "SegmentError", "SegmentNotFound", "SegmentExists", "AccessDenied", "IncompatibleSegment",
-    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "SelectTimeout",
 ]
 
 
@@ -107,3 +107,7 @@ class OutOfSharedMemory(SegmentError, MemoryError):
 
 class TooManyParticipants(ShmError):
     """Every participant slot of the structure is taken by live processes."""
+
+
+class SelectTimeout(ShmError, TimeoutError):
+    """``select``: none of the operations completed before the timeout."""

@@ -97,6 +97,16 @@ class Queue:
             return self._rx.recv(timeout)
         return self._rx.try_recv()
 
+    async def put_async(self, obj, timeout: float | None = None) -> None:
+        """``put`` for asyncio: awaits room without blocking the event loop."""
+        self._check()
+        await self._tx.send_async(obj, timeout)
+
+    async def get_async(self, timeout: float | None = None):
+        """``get`` for asyncio: awaits an item without blocking the event loop."""
+        self._check()
+        return await self._rx.recv_async(timeout)
+
     def put_nowait(self, obj) -> None:
         self.put(obj, False)
 
