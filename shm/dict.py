@@ -277,6 +277,7 @@ class SharedDict(MutableMapping):
         self._segs: list[Segment | None] = [None] * nshards
         self._snap = np.zeros(1 << 16, np.uint8)
         self._kc: dict[str, bytes] = {}
+        self._held: set[int] = set()      # shards whose lock this handle holds (under self._lock)
         # The read cache: key -> (lock word index, version, value); see kernels/hashtable.py,
         # "The version word". Numeric mode's increments do not bump versions: no cache there.
         self._vc: dict = {}
@@ -309,6 +310,7 @@ class SharedDict(MutableMapping):
 
     def _after_fork_child(self) -> None:
         self._lock = threading.RLock()
+        self._held = set()
         self._banks[:] = 0
         self._d[H.X_ME] = -1
         self._d[H.X_OPS] = 0
@@ -420,11 +422,13 @@ class SharedDict(MutableMapping):
         """Take shard ``s``'s lock, parking while it is held, recovering it from a dead owner."""
         if _LOCK_SPIN(self._daddr, s, SPIN) == 1:
             self._after_acquire(s)
+            self._held.add(s)
             return
         next_check = time.monotonic() + PEER_CHECK
         while True:
             if _LOCK_SPIN(self._daddr, s, 0) == 1:
                 self._after_acquire(s)
+                self._held.add(s)
                 return
             _LOCK_PARK(self._daddr, s, int(PEER_CHECK * 1e9))
             if time.monotonic() >= next_check:
@@ -434,7 +438,17 @@ class SharedDict(MutableMapping):
     def _check_lock_owner(self, s: int) -> None:
         """Reap the holder of shard ``s``'s lock if it is dead (which recovers the shard)."""
         owner = _LOCK_OWNER(self._daddr, s)
-        if owner < 0 or owner == self._me:
+        if owner == self._me and s in self._held:
+            return          # ours
+        word = W.load(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_LOCK) >> 3)
+        if word != 0 and (owner < 0 or owner >= L.MAX_PARTICIPANTS or owner == self._me):
+            # A lock word no holder explains (damaged memory): no owner, an owner beyond the
+            # participant table, or this very handle, which holds no lock of s (its thread lock
+            # serialises its shard locks). Take it over and rebuild the shard, as from a dead holder.
+            if _LOCK_STEAL(self._daddr, s, owner):
+                self._repair(s)
+            return
+        if owner < 0:
             return
         st, pid, start, ns = self._registry.entry(owner)
         code = st & L.PS_CODE_MASK
@@ -480,6 +494,7 @@ class SharedDict(MutableMapping):
         self._thaw(s)
 
     def _release(self, s: int) -> None:
+        self._held.discard(s)
         _UNLOCK(self._daddr, s)
 
     def _recover(self, dead: int) -> None:
@@ -1187,7 +1202,9 @@ class SharedDict(MutableMapping):
         last = False
         if self._me >= 0 and reg.mine(self._me):
             try:
-                reg.sweep(on_reap=self._recover, skip=self._me)
+                n = reg.sweep(on_reap=self._recover, skip=self._me)
+                if n:       # stats().reaped counts every reap, not only a waiting writer's
+                    W.fetch_add(self._ctrl.w, L.DC_REAPED >> 3, n)
             except ShmError:
                 pass
             reg.clear_role(self._me, L.ROLE_TX)

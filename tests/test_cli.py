@@ -130,3 +130,36 @@ def test_top_reports_live_rates():
     for d in (busy, quiet):
         d.unlink()
         d.close()
+
+
+def _hold(d, fd):
+    d["x"] = 1
+    os.write(fd, b"r")
+    time.sleep(600)
+
+
+def _open_close(name):
+    shm.SharedDict.open(name).close()
+
+
+def test_a_closing_process_counts_the_dead_it_reaps():
+    """inspect's `reaped` counts participants reaped by any sweep, including one in close()."""
+    ctx = mp.get_context("fork")
+    d = shm.SharedDict()
+    r, w = os.pipe()
+    p = ctx.Process(target=_hold, args=(d, w))
+    p.start()
+    os.close(w)
+    assert os.read(r, 1) == b"r"
+    os.close(r)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    c = ctx.Process(target=_open_close, args=(d.name,))
+    c.start()
+    c.join(60)
+    try:
+        assert c.exitcode == 0
+        assert cli("inspect", d.name)["reaped"] == 1
+    finally:
+        d.unlink()
+        d.close()

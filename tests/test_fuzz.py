@@ -398,16 +398,16 @@ def keep_locks_sane(d):
     A lock word naming a live process is that process holding the lock, as
     far as anyone can tell: waiting for it is the contract (no dict call takes
     a timeout). Participants 0-3 are this process and the opener (or what the
-    damage made of them). A word with no owner but other bits set, an owner
-    beyond the participant table, and a lock in the waiting handle's own name
-    are bugs the dict does not survive yet: see
-    test_dict_lock_word_naming_no_live_holder below (and its proposed fix).
+    damage made of them). Every other word (no owner but other bits set, an
+    owner beyond the participant table or dead, a lock in the waiting
+    handle's own name) the dict takes over and repairs: see
+    test_dict_lock_word_naming_no_live_holder below.
     """
     w = d._ctrl.w
     for s in range(d._nshards):
         i = (d._table + s * L.SE_SIZE + L.SE_LOCK) >> 3
         owner = (int(w[i]) & L.LOCK_OWNER_MASK) - 1
-        if 0 <= owner < 4 or owner >= L.MAX_PARTICIPANTS or (owner < 0 and w[i] != 0):
+        if 0 <= owner < 4:
             w[i] = 0
 
 def use(rng, d, ops, what=""):
@@ -608,8 +608,6 @@ d.close()
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="shm/dict.py waits forever for (or fails on) a lock word no holder "
-                                       "explains; proposed fix: /tmp/patches/dict_lock_owner.diff")
 @pytest.mark.parametrize("word", [1, 1 << 16, 0xFFFF], ids=["its own handle", "no owner, waiters bit",
                                                              "owner beyond the table"])
 def test_dict_lock_word_naming_no_live_holder(word):
