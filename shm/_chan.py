@@ -842,6 +842,14 @@ class _Chan:
         slot = pos % ring.cap
         info = _SLOT_BLOB(addr, pos)
         bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
+        if not info:
+            # No blob now, but the slot may have had some: a producer killed
+            # inside Segment.create, or a reader that dropped it, left its
+            # generation. Never restart at 1: a process still mapping an
+            # older blob of that name would read (or write) that one.
+            bgen = max(0, _SLOT_WORD(addr, pos, L.SL_BLOB_GEN))
+            if bgen:
+                unlink_name(self._blob_name(ring.gen, slot, bgen))     # a killed creator's, if any
         if bcap >= n:
             have = self.blobs.get((ring.gen, slot))
             try:

@@ -605,3 +605,52 @@ def test_reaped_counts_participants_reaped_by_a_closing_process():
     assert rx.recv(timeout=10) == b"x"
     tx.close()
     rx.close()
+
+
+def _send_and_close(tx, m):
+    tx.send(m)
+    tx.close()
+
+
+def _die_creating_a_blob(tx, m):
+    """Send ``m`` (a blob that needs a new, larger segment) and die inside Segment.create."""
+    import shm._chan
+    from kernels import layout as L
+    real = shm._chan.Segment.create
+
+    def create(kind, *a, **k):
+        if kind == L.KIND_BLOB:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(kind, *a, **k)
+
+    shm._chan.Segment.create = create
+    tx.send(m)
+
+
+def test_blob_generation_never_goes_back_after_a_producer_dies_creating_one():
+    """A producer killed while creating a slot's new blob leaves the slot with a
+    blob generation and no blob. The next producer must take a fresh
+    generation, not restart at 1: a reader that still maps the old blob of
+    that name would read the old message (found by the chaos test as a
+    message whose length disagreed with its header)."""
+    tx, rx = shm.bounded(1, codec="bytes")          # one slot: every message goes through it
+    m1 = W.make_msg(1, 1) + b"1" * 1000             # out of band (over 224 bytes), in a 4 KiB blob
+    big = b"2" * 100_000                            # needs a larger blob: the slot's generation 2
+    m3 = W.make_msg(3, 3) + b"3" * 1000
+    p = FORK.Process(target=_send_and_close, args=(tx, m1))
+    p.start()
+    assert rx.recv(timeout=30) == m1                # this process now maps the slot's blob 1
+    p.join(30)
+    p = FORK.Process(target=_die_creating_a_blob, args=(tx, big))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    with pytest.raises(shm.Empty):
+        rx.recv(timeout=2)                          # reaps the dead producer, skips its tombstone
+    p = FORK.Process(target=_send_and_close, args=(tx, m3))
+    p.start()
+    got = rx.recv(timeout=30)
+    p.join(30)
+    assert got == m3, f"received {got[:40]!r}... (the old blob's message?), sent {m3[:40]!r}..."
+    tx.close()
+    rx.close()
