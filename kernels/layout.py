@@ -27,6 +27,9 @@ the kind:
   (``TOKEN`` x ``MAX_TOKENS``), then ring generation 0 (``RING`` + slots).
 * ``KIND_RING``: a later generation of an unbounded channel's ring.
 * ``KIND_BLOB``: the out-of-band payload of one large message slot.
+* ``KIND_DICT``/``KIND_SHARD``: a SharedDict's control segment and its shard generations.
+* ``KIND_SYNC``: one synchronisation primitive (``SYNC``, then the participant
+  table, the token table and one ``holds`` word per participant).
 """
 from __future__ import annotations
 
@@ -43,8 +46,9 @@ KIND_RING = 2
 KIND_BLOB = 3
 KIND_DICT = 4
 KIND_SHARD = 5
+KIND_SYNC = 6
 KIND_NAMES = {KIND_CHANNEL: "channel", KIND_RING: "ring", KIND_BLOB: "blob", KIND_DICT: "dict",
-              KIND_SHARD: "dict shard"}
+              KIND_SHARD: "dict shard", KIND_SYNC: "sync"}
 
 MAX_PARTICIPANTS = 256          # one byte of owner index in a slot stamp
 BITMAP_WORDS = MAX_PARTICIPANTS // 64
@@ -465,3 +469,77 @@ def shard_layout(nslots: int, heap: int) -> dict:
     index = SH_END
     heap_off = _round_up(index + 8 * nslots, 64)
     return {"header": SH_BASE, "index": index, "heap": heap_off, "size": heap_off + _round_up(heap, 8)}
+
+
+# --------------------------------------------------------------------------
+# Synchronisation primitives (kernels/sync.py, shm/sync.py): one KIND_SYNC
+# segment per primitive: header; ``SYNC``; the participant and token
+# tables; ``holds`` (one word per participant: what it holds, to give back
+# when it dies: permits, read locks, WaitGroup units, Notify waits).
+
+# Sync parameters (P0..P7 of a KIND_SYNC segment).
+PY_TYPE = 0           # SYNC_* below
+PY_ARG = 1            # Semaphore: initial value; Barrier: parties
+PY_ARG2 = 2           # BoundedSemaphore: the bound (0: unbounded)
+PY_FLAGS = 3          # SYNCF_*
+PY_PARTICIPANTS = 4
+PY_TOKENS = 5
+PY_HOLDS = 6          # byte offset of the holds table
+
+SYNC_ATOMIC_INT = 1
+SYNC_ATOMIC_FLOAT = 2
+SYNC_LOCK = 3
+SYNC_RLOCK = 4
+SYNC_SEMAPHORE = 5
+SYNC_EVENT = 6
+SYNC_CONDITION = 7
+SYNC_BARRIER = 8
+SYNC_WAITGROUP = 9
+SYNC_NOTIFY = 10
+SYNC_RWLOCK = 11
+SYNCF_RETURN_ON_DEATH = 1     # Semaphore: a dead process's permits are given back
+
+SYNC = Layout("sync", [
+    # The primitive's state: the atomic's value, the lock word (owner + 1 in
+    # bits 0-15, 0xFFFF = free but orphaned by a dead owner), a semaphore's
+    # permits, an event's flag, a barrier's generation << 32 | arrived, a
+    # WaitGroup's count, Notify's state (kernels/sync.py has each encoding).
+    Field("value", 8, atomic=True, hot=True),
+    # The futex word waiters park on; bumped by whoever changes ``value`` in
+    # a way a waiter waits for, only when ``waiters`` has a bit set.
+    Field("seq", 8, atomic=True, hot=True),
+    Field("aux", 8, atomic=True, align=CACHE_LINE),   # Condition/Notify: second counter; Barrier: reset generation
+    Field("flag", 8, atomic=True),                    # Barrier: broken
+    Field("waiters", 8 * BITMAP_WORDS, atomic=True),  # participants parked (or about to) on seq
+    Field("waiters2", 8 * BITMAP_WORDS, atomic=True), # (the registry's second side: unused)
+    Field("roles", 8 * BITMAP_WORDS, atomic=True),    # participants with the primitive open
+    Field("roles2", 8 * BITMAP_WORDS, atomic=True),   # (unused)
+    Field("tokens", 8, atomic=True),
+    Field("tokens2", 8, atomic=True),
+    Field("reaped", 8, atomic=True),                  # dead participants reaped
+    Field("recovered", 8, atomic=True),               # locks orphaned by a dead owner, permits given back
+], align=CACHE_LINE)
+
+SY_BASE = SEG_HEADER
+SY_VALUE = SY_BASE + SYNC["value"]
+SY_SEQ = SY_BASE + SYNC["seq"]
+SY_AUX = SY_BASE + SYNC["aux"]
+SY_FLAG = SY_BASE + SYNC["flag"]
+SY_WAITERS = SY_BASE + SYNC["waiters"]
+SY_WAITERS2 = SY_BASE + SYNC["waiters2"]
+SY_ROLES = SY_BASE + SYNC["roles"]
+SY_ROLES2 = SY_BASE + SYNC["roles2"]
+SY_TOKENS = SY_BASE + SYNC["tokens"]
+SY_TOKENS2 = SY_BASE + SYNC["tokens2"]
+SY_REAPED = SY_BASE + SYNC["reaped"]
+SY_RECOVERED = SY_BASE + SYNC["recovered"]
+SY_END = SY_BASE + SYNC.size
+
+
+def sync_layout() -> dict:
+    """Offsets and total size of a KIND_SYNC segment."""
+    participants = _round_up(SY_END, CACHE_LINE)
+    tokens = participants + MAX_PARTICIPANTS * PT_SIZE
+    holds = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
+    size = holds + MAX_PARTICIPANTS * WORD
+    return {"participants": participants, "tokens": tokens, "holds": holds, "size": size}

@@ -15,11 +15,15 @@ See README.md for the tour.
 from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
 from .queues import JoinableQueue, Queue, SimpleQueue
 from ._select import select, select_async
-from .errors import (AccessDenied, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
+from .errors import (AccessDenied, BrokenBarrier, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
                      SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind)
 
 __version__ = "0.1.0"
+
+
+_SYNC = ("AtomicInt", "AtomicFloat", "Lock", "RLock", "RWLock", "Semaphore", "BoundedSemaphore", "Event",
+         "Condition", "Barrier", "WaitGroup", "Notify")
 
 
 def __getattr__(name):
@@ -28,9 +32,12 @@ def __getattr__(name):
     if name in ("SharedDict", "DictStats"):
         from . import dict as _dict
         return getattr(_dict, name)
+    if name in _SYNC:
+        from . import sync as _sync      # the primitives' kernels load on first use too
+        return getattr(_sync, name)
     raise AttributeError(f"module 'shm' has no attribute {name!r}")
 
-__all__ = [
+__all__ = [*_SYNC, "BrokenBarrier",
     "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
     "Queue", "SimpleQueue", "JoinableQueue", "SharedDict", "DictStats",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",

@@ -42,6 +42,10 @@ def _attach(name: str):
 def _participants(seg: Segment) -> list[dict]:
     from ._registry import Registry
     p = seg.params
+    if seg.kind == L.KIND_SYNC:
+        reg = Registry(seg, p[L.PY_PARTICIPANTS], p[L.PY_TOKENS], (L.SY_ROLES, L.SY_ROLES2),
+                       (L.SY_TOKENS, L.SY_TOKENS2), (L.SY_WAITERS, L.SY_WAITERS2))
+        return [{"index": i, "pid": pid, "alive": alive} for i, pid, alive in reg.pids()], reg
     if seg.kind == L.KIND_DICT:
         reg = Registry(seg, p[L.PD_PARTICIPANTS], p[L.PD_TOKENS], (L.DC_ROLES, L.DC_ROLES2),
                        (L.DC_TOKENS, L.DC_TOKENS2), (L.DC_WAITERS, L.DC_WAITERS2))
@@ -167,9 +171,23 @@ def describe(name: str) -> dict | None:
             parts, reg = _participants(seg)
             info["participants"] = parts
             info.update(_dict_figures(seg, reg))
+        elif seg.kind == L.KIND_SYNC:
+            parts, reg = _participants(seg)
+            info["participants"] = parts
+            info["tokens"] = reg.live_tokens()
+            info["type"] = _SYNC_TYPES.get(seg.params[L.PY_TYPE], "?")
+            info["value"] = int(seg.w[L.SY_VALUE >> 3])
+            info["waiting"] = reg.waiting_count(0)
         return info
     finally:
         seg.close()
+
+
+# Names of the KIND_SYNC types (shm/sync.py), without importing its kernels.
+_SYNC_TYPES = {L.SYNC_ATOMIC_INT: "AtomicInt", L.SYNC_ATOMIC_FLOAT: "AtomicFloat", L.SYNC_LOCK: "Lock",
+               L.SYNC_RLOCK: "RLock", L.SYNC_SEMAPHORE: "Semaphore", L.SYNC_EVENT: "Event",
+               L.SYNC_CONDITION: "Condition", L.SYNC_BARRIER: "Barrier", L.SYNC_WAITGROUP: "WaitGroup",
+               L.SYNC_NOTIFY: "Notify", L.SYNC_RWLOCK: "RWLock"}
 
 
 def list_segments() -> list[dict]:
@@ -195,7 +213,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'NAME':<28} {'KIND':<10} {'SIZE':>10}  {'OF':<22} PIDS (alive*)  DEPTH/KEYS")
     for r in rows:
         pids = " ".join(f"{p['pid']}{'*' if p['alive'] else ''}" for p in r.get("participants", []))
-        depth = r.get("depth", f"{r['keys']} keys" if "keys" in r else "")
+        depth = r.get("depth", f"{r['keys']} keys" if "keys" in r else r.get("type", ""))
         print(f"{r['name']:<28} {r['kind']:<10} {r['size']:>10}  {r['of']:<22} {pids or '-':<14} {depth}")
 
 
@@ -301,7 +319,7 @@ def top(interval: float = 1.0, count: int | None = None, as_json: bool = False, 
 
 def _dead_structure(seg: Segment) -> bool:
     """No participant alive, no token in transit from a live process, no live creator mid-init."""
-    if seg.kind not in (L.KIND_CHANNEL, L.KIND_DICT):
+    if seg.kind not in (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC):
         return False
     parts, reg = _participants(seg)
     if any(p["alive"] for p in parts) or reg.live_tokens():
@@ -321,7 +339,7 @@ def gc(dry_run: bool = False) -> list[str]:
         if seg is None:
             continue
         try:
-            if seg.kind in (L.KIND_CHANNEL, L.KIND_DICT):
+            if seg.kind in (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC):
                 if _dead_structure(seg):
                     dead_families.add(seg.family)
                     removed.append(name)

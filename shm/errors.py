@@ -16,12 +16,13 @@ flume's ``SendError(msg)`` does, so nothing is lost.
 from __future__ import annotations
 
 import queue
+import threading
 
 __all__ = [
     "ShmError", "Empty", "Full", "Disconnected", "Closed",
     "EncodeError", "DecodeError", "MessageTooLarge",
     "SegmentError", "SegmentNotFound", "SegmentExists", "AccessDenied", "IncompatibleSegment",
-    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "SelectTimeout",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "BrokenBarrier", "SelectTimeout",
 ]
 
 
@@ -111,3 +112,7 @@ class TooManyParticipants(ShmError):
 
 class SelectTimeout(ShmError, TimeoutError):
     """``select``: none of the operations completed before the timeout."""
+
+
+class BrokenBarrier(ShmError, threading.BrokenBarrierError):
+    """``shm.Barrier``: the barrier was aborted, reset while waiting, timed out, or a process that had it open died."""

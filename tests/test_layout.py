@@ -16,7 +16,7 @@ LINE = L.CACHE_LINE
 
 def test_the_layouts_we_expect_are_declared():
     assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT",
-                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD"}
+                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC"}
     assert LINE == 128 and L.WORD == 8
 
 
@@ -180,6 +180,10 @@ CONSTANTS = {
     "SH_": (L.SHARD, L.SH_BASE, {"STATE": "state", "BUMP": "bump", "COUNT": "count", "TOMBS": "tombs",
                                  "GARBAGE": "garbage"}),
     "RC_": (L.RECORD, 0, {"HASH": "hash", "INFO": "info", "VALUE": "value"}),
+    "SY_": (L.SYNC, L.SY_BASE, {
+        "VALUE": "value", "SEQ": "seq", "AUX": "aux", "FLAG": "flag", "WAITERS": "waiters",
+        "WAITERS2": "waiters2", "ROLES": "roles", "ROLES2": "roles2", "TOKENS": "tokens", "TOKENS2": "tokens2",
+        "REAPED": "reaped", "RECOVERED": "recovered"}),
 }
 
 
@@ -195,7 +199,7 @@ def test_no_unexplained_offset_constants():
     # non-offset list here), so it cannot drift from its layout unnoticed.
     not_offsets = {"SEG_HEADER", "SEG_INIT", "SEG_OPEN", "SEG_UNLINKED", "SEG_CLOSING", "SEG_STATE_MASK",
                    "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE", "DC_BASE", "DC_END", "SE_SIZE", "SH_BASE",
-                   "SH_END"}
+                   "SH_END", "SY_BASE", "SY_END"}
     known = {p + c for p, (_, _, t) in CONSTANTS.items() for c in t} | not_offsets
     found = {n for n in vars(L) if n.startswith(tuple(CONSTANTS)) and isinstance(getattr(L, n), int)}
     assert found - known == set()
@@ -224,3 +228,19 @@ def test_dict_layouts():
     from kernels import hashtable as H
     assert L.ENTRY_EMPTY == 0 and L.ENTRY_TOMB == 1 and H.HEAP_START >= 8
     assert (H.HEAP_START >> 3) << L.ENTRY_SHIFT > L.ENTRY_TOMB
+
+
+def test_sync_layout():
+    """A sync primitive's segment: its value and futex words hot, tables aligned, in order."""
+    assert L.SY_BASE == L.SEG_HEADER and L.SY_END == L.SY_BASE + L.SYNC.size
+    assert L.SYNC.fields["value"].hot and L.SYNC.fields["seq"].hot
+    assert L.SY_VALUE % LINE == 0 and L.SY_SEQ % LINE == 0
+    for f in ("waiters", "waiters2", "roles", "roles2"):
+        assert L.SYNC.fields[f].size == 8 * L.BITMAP_WORDS
+    lay = L.sync_layout()
+    assert L.SY_END <= lay["participants"] < lay["tokens"] < lay["holds"] < lay["size"]
+    assert lay["participants"] % LINE == 0 and lay["holds"] % LINE == 0
+    assert lay["tokens"] - lay["participants"] == L.MAX_PARTICIPANTS * L.PT_SIZE
+    assert lay["holds"] >= lay["tokens"] + L.MAX_TOKENS * L.TK_SIZE
+    assert lay["size"] - lay["holds"] == L.MAX_PARTICIPANTS * L.WORD
+    assert L.KIND_NAMES[L.KIND_SYNC] == "sync" and len(set(L.KIND_NAMES)) == len(L.KIND_NAMES)
