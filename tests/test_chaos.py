@@ -429,9 +429,9 @@ def test_kill_chaos_across_every_structure():
     d = shm.SharedDict(shards=4)
     groups = [
         ChannelGroup("bounded", btx, brx, n=6000, big_every=41),
-        ChannelGroup("unbounded", utx, urx, n=4000, big_every=25),
+        ChannelGroup("unbounded", utx, urx, n=10000, big_every=25),
         ChannelGroup("queue", None, None, n=3000, big_every=0, queue=q, spawn_every=6),
-        DictGroup(d, writers=3, n_ops=4000, spawn_every=6),
+        DictGroup(d, writers=3, n_ops=12000, spawn_every=6),
     ]
     roles = [r for g in groups for r in g.roles]
     leak, leak_child, leak_chan, leak_dict = _start_leak()
