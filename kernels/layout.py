@@ -543,3 +543,75 @@ def sync_layout() -> dict:
     holds = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
     size = holds + MAX_PARTICIPANTS * WORD
     return {"participants": participants, "tokens": tokens, "holds": holds, "size": size}
+
+
+# --------------------------------------------------------------------------
+# Broadcast and watch channels (kernels/broadcast.py, shm/broadcast.py): one
+# KIND_BROADCAST segment: header; ``BROADCAST``; the participant and token
+# tables; ``capacity`` slots of ``slot`` bytes (``BSLOT`` then the payload).
+
+KIND_BROADCAST = 7
+KIND_NAMES[KIND_BROADCAST] = "broadcast"
+
+# Broadcast parameters (P0..P7 of a KIND_BROADCAST segment).
+PC_CAPACITY = 0       # slots (a power of two)
+PC_SLOT = 1           # bytes per slot, header included
+PC_CODEC = 2
+PC_WATCH = 3          # 1: a watch (readers read the latest value only)
+PC_PARTICIPANTS = 4
+PC_TOKENS = 5
+PC_SLOTS = 6          # byte offset of slot 0
+
+BROADCAST = Layout("broadcast", [
+    # Positions below ``tail`` are published; only the lock holder stores it.
+    Field("tail", 8, atomic=True, hot=True),
+    # Subscribers park on ``seq``; a publisher that sees a bit of ``waiters``
+    # set after publishing bumps it and wakes them all.
+    Field("seq", 8, atomic=True, hot=True),
+    Field("waiters", 8 * BITMAP_WORDS, atomic=True),
+    # The publishers' lock: owner participant + 1, or 0. A dead owner's lock
+    # is taken over (shm/broadcast.py); its half-written slot is below no
+    # published position, so the next publisher simply writes it again.
+    Field("lock", 8, atomic=True, align=CACHE_LINE),
+    Field("waiters2", 8 * BITMAP_WORDS, atomic=True),     # (the registry's second side: unused)
+    Field("tx_roles", 8 * BITMAP_WORDS, atomic=True, align=CACHE_LINE),
+    Field("rx_roles", 8 * BITMAP_WORDS, atomic=True),
+    Field("tx_tokens", 8, atomic=True),
+    Field("rx_tokens", 8, atomic=True),
+    Field("reaped", 8, atomic=True),
+    Field("recovered", 8, atomic=True),                   # publisher locks taken over from dead owners
+], align=CACHE_LINE)
+
+BC_BASE = SEG_HEADER
+BC_TAIL = BC_BASE + BROADCAST["tail"]
+BC_SEQ = BC_BASE + BROADCAST["seq"]
+BC_WAITERS = BC_BASE + BROADCAST["waiters"]
+BC_LOCK = BC_BASE + BROADCAST["lock"]
+BC_WAITERS2 = BC_BASE + BROADCAST["waiters2"]
+BC_TX_ROLES = BC_BASE + BROADCAST["tx_roles"]
+BC_RX_ROLES = BC_BASE + BROADCAST["rx_roles"]
+BC_TX_TOKENS = BC_BASE + BROADCAST["tx_tokens"]
+BC_RX_TOKENS = BC_BASE + BROADCAST["rx_tokens"]
+BC_REAPED = BC_BASE + BROADCAST["reaped"]
+BC_RECOVERED = BC_BASE + BROADCAST["recovered"]
+BC_END = BC_BASE + BROADCAST.size
+
+BSLOT = Layout("bslot", [
+    # pos + 1 once the message at ``pos`` is complete; -(pos + 1) while it is
+    # being written (a seqlock: readers check it before and after copying).
+    Field("stamp", 8, atomic=True),
+    Field("len", 8, atomic=True),
+    Field("kind", 8, atomic=True),
+], size=32)
+BS_STAMP = BSLOT["stamp"]
+BS_LEN = BSLOT["len"]
+BS_KIND = BSLOT["kind"]
+BS_DATA = BSLOT.size
+
+
+def broadcast_layout(capacity: int, slot: int) -> dict:
+    """Offsets and total size of a KIND_BROADCAST segment."""
+    participants = _round_up(BC_END, CACHE_LINE)
+    tokens = participants + MAX_PARTICIPANTS * PT_SIZE
+    slots = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
+    return {"participants": participants, "tokens": tokens, "slots": slots, "size": slots + capacity * slot}

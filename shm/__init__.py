@@ -18,6 +18,7 @@ from ._select import select, select_async
 from .errors import (AccessDenied, BrokenBarrier, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
                      SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind)
+from .errors import Lagged
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,14 @@ _SYNC = ("AtomicInt", "AtomicFloat", "Lock", "RLock", "RWLock", "Semaphore", "Bo
          "Condition", "Barrier", "WaitGroup", "Notify")
 
 
+_BROADCAST = ("broadcast", "BroadcastSender", "BroadcastReceiver", "watch", "Watch", "oneshot",
+              "OneshotSender", "OneshotReceiver")
+
+
 def __getattr__(name):
+    if name in _BROADCAST:
+        from . import _broadcast        # its kernels load on first use
+        return getattr(_broadcast, name)
     # SharedDict's kernels are compiled (first run) or loaded (cached) when
     # it is first used, so a program that only uses channels never pays for them.
     if name in ("SharedDict", "DictStats"):
@@ -43,5 +51,5 @@ __all__ = [*_SYNC, "BrokenBarrier",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "AccessDenied",
-    "select", "select_async", "SelectTimeout",
+    "select", "select_async", "SelectTimeout", "Lagged", *_BROADCAST,
 ]

@@ -81,7 +81,7 @@ class Registration:
         for chan, side in sides:
             chan._begin_wait(side)
         for chan, side in sides:        # after every bit is set (each set is a full barrier)
-            off = seq_word(side)
+            off = chan.seq_offset(side) if hasattr(chan, "seq_offset") else seq_word(side)
             self.words.append((chan, chan.ctrl.addr + off, off >> 3, W.load(chan.ctrl.w, off >> 3)))
         _bridge().add(self)
 

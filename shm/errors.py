@@ -22,7 +22,7 @@ __all__ = [
     "ShmError", "Empty", "Full", "Disconnected", "Closed",
     "EncodeError", "DecodeError", "MessageTooLarge",
     "SegmentError", "SegmentNotFound", "SegmentExists", "AccessDenied", "IncompatibleSegment",
-    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "BrokenBarrier", "SelectTimeout",
+    "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "BrokenBarrier", "SelectTimeout", "Lagged",
 ]
 
 
@@ -116,3 +116,14 @@ class SelectTimeout(ShmError, TimeoutError):
 
 class BrokenBarrier(ShmError, threading.BrokenBarrierError):
     """``shm.Barrier``: the barrier was aborted, reset while waiting, timed out, or a process that had it open died."""
+
+
+class Lagged(ShmError):
+    """A broadcast subscriber fell more than the capacity behind: ``skipped`` messages were lost.
+
+    The next receive continues from the oldest message still kept.
+    """
+
+    def __init__(self, skipped: int):
+        super().__init__(f"this subscriber fell behind: {skipped} message(s) were overwritten before it read them")
+        self.skipped = skipped

@@ -16,7 +16,7 @@ LINE = L.CACHE_LINE
 
 def test_the_layouts_we_expect_are_declared():
     assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT",
-                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC"}
+                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC", "BROADCAST", "BSLOT"}
     assert LINE == 128 and L.WORD == 8
 
 
@@ -184,6 +184,11 @@ CONSTANTS = {
         "VALUE": "value", "SEQ": "seq", "AUX": "aux", "FLAG": "flag", "WAITERS": "waiters",
         "WAITERS2": "waiters2", "ROLES": "roles", "ROLES2": "roles2", "TOKENS": "tokens", "TOKENS2": "tokens2",
         "REAPED": "reaped", "RECOVERED": "recovered"}),
+    "BC_": (L.BROADCAST, L.BC_BASE, {
+        "TAIL": "tail", "SEQ": "seq", "WAITERS": "waiters", "LOCK": "lock", "WAITERS2": "waiters2",
+        "TX_ROLES": "tx_roles", "RX_ROLES": "rx_roles", "TX_TOKENS": "tx_tokens", "RX_TOKENS": "rx_tokens",
+        "REAPED": "reaped", "RECOVERED": "recovered"}),
+    "BS_": (L.BSLOT, 0, {"STAMP": "stamp", "LEN": "len", "KIND": "kind"}),
 }
 
 
@@ -199,7 +204,7 @@ def test_no_unexplained_offset_constants():
     # non-offset list here), so it cannot drift from its layout unnoticed.
     not_offsets = {"SEG_HEADER", "SEG_INIT", "SEG_OPEN", "SEG_UNLINKED", "SEG_CLOSING", "SEG_STATE_MASK",
                    "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE", "DC_BASE", "DC_END", "SE_SIZE", "SH_BASE",
-                   "SH_END", "SY_BASE", "SY_END"}
+                   "SH_END", "SY_BASE", "SY_END", "BC_BASE", "BC_END", "BS_DATA"}
     known = {p + c for p, (_, _, t) in CONSTANTS.items() for c in t} | not_offsets
     found = {n for n in vars(L) if n.startswith(tuple(CONSTANTS)) and isinstance(getattr(L, n), int)}
     assert found - known == set()
@@ -244,3 +249,17 @@ def test_sync_layout():
     assert lay["holds"] >= lay["tokens"] + L.MAX_TOKENS * L.TK_SIZE
     assert lay["size"] - lay["holds"] == L.MAX_PARTICIPANTS * L.WORD
     assert L.KIND_NAMES[L.KIND_SYNC] == "sync" and len(set(L.KIND_NAMES)) == len(L.KIND_NAMES)
+
+
+def test_broadcast_layout():
+    """A broadcast segment: tail and seq hot, the lock on its own line, slots aligned after the tables."""
+    assert L.BC_BASE == L.SEG_HEADER and L.BC_END == L.BC_BASE + L.BROADCAST.size
+    assert L.BC_TAIL % LINE == 0 and L.BC_SEQ % LINE == 0 and L.BC_LOCK % LINE == 0
+    assert len({L.BC_TAIL // LINE, L.BC_SEQ // LINE, L.BC_LOCK // LINE}) == 3
+    assert L.BS_DATA == L.BSLOT.size == 32 and L.BS_STAMP % 8 == 0
+    for cap, slot in ((1, 64), (16, 512), (1 << 16, 4096)):
+        lay = L.broadcast_layout(cap, slot)
+        assert L.BC_END <= lay["participants"] < lay["tokens"] < lay["slots"] < lay["size"]
+        assert lay["slots"] % LINE == 0 and lay["size"] - lay["slots"] == cap * slot
+        assert lay["slots"] >= lay["tokens"] + L.MAX_TOKENS * L.TK_SIZE
+    assert L.KIND_NAMES[L.KIND_BROADCAST] == "broadcast" and len(set(L.KIND_NAMES)) == len(L.KIND_NAMES)
