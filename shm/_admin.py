@@ -42,6 +42,15 @@ def _attach(name: str):
 def _participants(seg: Segment) -> list[dict]:
     from ._registry import Registry
     p = seg.params
+    if seg.kind == L.KIND_BROADCAST:
+        reg = Registry(seg, p[L.PC_PARTICIPANTS], p[L.PC_TOKENS], (L.BC_TX_ROLES, L.BC_RX_ROLES),
+                       (L.BC_TX_TOKENS, L.BC_RX_TOKENS), (L.BC_WAITERS, L.BC_WAITERS2))
+        out = []
+        for idx, pid, alive in reg.pids():
+            roles = int(seg.w[(p[L.PC_PARTICIPANTS] + idx * L.PT_SIZE + L.PT_ROLES) >> 3])
+            out.append({"index": idx, "pid": pid, "alive": alive,
+                        "publisher": bool(roles & 1), "subscriber": bool(roles & 2)})
+        return out, reg
     if seg.kind == L.KIND_SYNC:
         reg = Registry(seg, p[L.PY_PARTICIPANTS], p[L.PY_TOKENS], (L.SY_ROLES, L.SY_ROLES2),
                        (L.SY_TOKENS, L.SY_TOKENS2), (L.SY_WAITERS, L.SY_WAITERS2))
@@ -171,6 +180,15 @@ def describe(name: str) -> dict | None:
             parts, reg = _participants(seg)
             info["participants"] = parts
             info.update(_dict_figures(seg, reg))
+        elif seg.kind == L.KIND_BROADCAST:
+            parts, reg = _participants(seg)
+            p = seg.params
+            info["participants"] = parts
+            info["tokens"] = reg.live_tokens()
+            info.update(type="watch" if p[L.PC_WATCH] else "broadcast", capacity=p[L.PC_CAPACITY],
+                        slot=p[L.PC_SLOT], published=int(seg.w[L.BC_TAIL >> 3]),
+                        waiting=reg.waiting_count(0), reaped=int(seg.w[L.BC_REAPED >> 3]),
+                        recovered=int(seg.w[L.BC_RECOVERED >> 3]))
         elif seg.kind == L.KIND_SYNC:
             parts, reg = _participants(seg)
             info["participants"] = parts
@@ -223,7 +241,7 @@ def format_info(info: dict) -> str:
         if k == "participants":
             lines.append("participants:")
             for p in v:
-                role = "+".join(x for x in ("sender", "receiver") if p.get(x)) or "-"
+                role = "+".join(x for x in ("sender", "receiver", "publisher", "subscriber") if p.get(x)) or "-"
                 lines.append(f"  [{p['index']}] pid {p['pid']} {'alive' if p['alive'] else 'DEAD'} {role}")
         else:
             lines.append(f"{k}: {v}")
@@ -317,9 +335,13 @@ def top(interval: float = 1.0, count: int | None = None, as_json: bool = False, 
         shown += 1
 
 
+# Kinds with a participant table (the others are derived segments of one of these).
+_STRUCTURES = (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC, L.KIND_BROADCAST)
+
+
 def _dead_structure(seg: Segment) -> bool:
     """No participant alive, no token in transit from a live process, no live creator mid-init."""
-    if seg.kind not in (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC):
+    if seg.kind not in _STRUCTURES:
         return False
     parts, reg = _participants(seg)
     if any(p["alive"] for p in parts) or reg.live_tokens():
@@ -339,7 +361,7 @@ def gc(dry_run: bool = False) -> list[str]:
         if seg is None:
             continue
         try:
-            if seg.kind in (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC):
+            if seg.kind in _STRUCTURES:
                 if _dead_structure(seg):
                     dead_families.add(seg.family)
                     removed.append(name)

@@ -163,3 +163,35 @@ def test_a_closing_process_counts_the_dead_it_reaps():
     finally:
         d.unlink()
         d.close()
+
+
+def _broadcast_owner(fd):
+    tx, rx = shm.broadcast(8)
+    tx.send("a")
+    w = shm.watch({"v": 1})
+    os.write(fd, f"{tx.name} {w.name}".encode())
+    os.close(fd)
+    time.sleep(600)
+
+
+def test_ls_and_gc_know_broadcasts_and_watches():
+    r, w = os.pipe()
+    p = mp.get_context("fork").Process(target=_broadcast_owner, args=(w,))
+    p.start()
+    os.close(w)
+    bname, wname = os.read(r, 200).decode().split()
+    os.close(r)
+    try:
+        rows = {row["name"]: row for row in cli("ls")}
+        assert rows[bname]["kind"] == "broadcast" and rows[bname]["type"] == "broadcast"
+        assert rows[bname]["published"] == 1 and rows[bname]["capacity"] == 8
+        roles = {(x["publisher"], x["subscriber"]) for x in rows[bname]["participants"]}
+        assert roles == {(True, False), (False, True)}
+        assert rows[wname]["type"] == "watch" and rows[wname]["published"] == 1
+        assert not {bname, wname} & set(cli("gc", "--dry-run"))
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+    removed = set(cli("gc"))
+    assert {bname, wname} <= removed
+    _report.add("segments reclaimed by gc", 2)
