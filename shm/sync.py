@@ -587,6 +587,17 @@ class Lock(_Sync):
         return True
 
     def acquire(self, blocking: bool = True, timeout=None) -> bool:
+        c = self._c
+        if c and (timeout is None or timeout == -1):        # the fast path: one kernel call
+            r = _LOCK_TRY(c, VALUE, self._me, LOCK_SPIN if blocking else 0)
+            if r:
+                self._recovered = r == 2
+                return True
+            if not blocking:
+                return False
+        return self._acquire_slow(blocking, timeout)
+
+    def _acquire_slow(self, blocking, timeout) -> bool:
         deadline = self._deadline(blocking, timeout)
         if self._try(LOCK_SPIN if blocking else 0):
             return True
@@ -601,7 +612,8 @@ class Lock(_Sync):
         return bool(got)
 
     def release(self) -> None:
-        if _LOCK_RELEASE(self._cw(), VALUE, 1) == 0:
+        c = self._c or self._cw()
+        if _LOCK_RELEASE(c, VALUE, 1) == 0:
             raise RuntimeError("release unlocked lock")
 
     def locked(self) -> bool:

@@ -90,7 +90,13 @@ def barrier_expect_broken(barrier, arrived):
     raise AssertionError("barrier passed although a party died")
 
 
-def sleep_forever(*handles):
+def attach_and_sleep(handle, ready):
+    """Hold ``handle`` open (unpickled, so attached) and say so, then wait to be killed.
+
+    Killed before unpickling, a child would leave its handle's pickle token
+    live for as long as the parent (the lender) lives.
+    """
+    ready.set()
     time.sleep(600)
 
 

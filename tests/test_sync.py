@@ -463,8 +463,9 @@ def test_killed_waiter_does_not_disturb(ctx):
 
 
 def test_killed_barrier_party_breaks_the_barrier(ctx):
-    with _closing(shm.Barrier(3), shm.AtomicInt(0)) as (b, arrived):
-        victim = _start(ctx, SW.sleep_forever, b)
+    with _closing(shm.Barrier(3), shm.AtomicInt(0), shm.Event()) as (b, arrived, ready):
+        victim = _start(ctx, SW.attach_and_sleep, b, ready)
+        assert ready.wait(60)
         waiters = [_start(ctx, SW.barrier_expect_broken, b, arrived) for _ in range(2)]
         deadline = time.monotonic() + 60
         while arrived.load() < 2 and time.monotonic() < deadline:
