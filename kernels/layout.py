@@ -485,6 +485,7 @@ PY_FLAGS = 3          # SYNCF_*
 PY_PARTICIPANTS = 4
 PY_TOKENS = 5
 PY_HOLDS = 6          # byte offset of the holds table
+PY_HOLD_STRIDE = 7    # bytes between two participants' holds words (RWLock: a cache line each)
 
 SYNC_ATOMIC_INT = 1
 SYNC_ATOMIC_FLOAT = 2
@@ -536,13 +537,21 @@ SY_RECOVERED = SY_BASE + SYNC["recovered"]
 SY_END = SY_BASE + SYNC.size
 
 
-def sync_layout() -> dict:
-    """Offsets and total size of a KIND_SYNC segment."""
+def sync_layout(hold_stride: int = WORD) -> dict:
+    """Offsets and total size of a KIND_SYNC segment whose holds words are ``hold_stride`` bytes apart.
+
+    An RWLock's readers each count their read locks in their own holds word,
+    so its stride is CACHE_LINE: readers in different processes never share
+    a line (crossbeam's ShardedLock, one shard per participant).
+    """
+    if hold_stride not in (WORD, CACHE_LINE):
+        raise ValueError(f"hold_stride must be {WORD} or {CACHE_LINE}")
     participants = _round_up(SY_END, CACHE_LINE)
     tokens = participants + MAX_PARTICIPANTS * PT_SIZE
     holds = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
-    size = holds + MAX_PARTICIPANTS * WORD
-    return {"participants": participants, "tokens": tokens, "holds": holds, "size": size}
+    size = holds + MAX_PARTICIPANTS * hold_stride
+    return {"participants": participants, "tokens": tokens, "holds": holds, "size": size,
+            "hold_stride": hold_stride}
 
 
 # --------------------------------------------------------------------------

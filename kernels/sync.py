@@ -36,7 +36,8 @@ Words (``SYNC``)
     writer: ``0`` free; ``owner + 1`` (bits 0-15, the owner's participant
     index) held; ``ORPHAN`` (0xFFFF) free, but the last owner died holding
     it: the next acquirer takes it *recovered* (pthread's EOWNERDEAD).
-    RWLock adds the number of readers in bits 16-47. Semaphore: permits
+    RWLock: the writer, as a Lock (readers count in their holds words).
+    Semaphore: permits
     left. Event: 0/1. Barrier: generation << 32 | parties arrived.
     WaitGroup: units outstanding. Notify: permit (bit 0) | waiters << 1.
 ``seq``
@@ -74,8 +75,8 @@ Either the notifier sees the bit (and bumps ``seq`` after the change, so the
 waiter's futex_wait returns at once or is woken) or the waiter's re-check
 sees the change.
 
-``# XX:`` the read side of RWLock is one word, not sharded like crossbeam's
-ShardedLock: readers on different cores contend on its cache line.
+RWLock readers each count in their own holds word (a cache line apart), so
+readers in different processes never write a shared line; see "RWLock" below.
 """
 from __future__ import annotations
 
@@ -91,17 +92,15 @@ from .syscalls import futex_wait, futex_wake
 from ._jit import jit
 
 __all__ = [
-    "ORPHAN", "OWNER_MASK", "READER", "READERS_MASK",
+    "ORPHAN", "OWNER_MASK",
     "fetch_add_at", "load_at", "store_at", "swap_at", "cas_at", "rmw_at",
     "f_load_at", "f_store_at", "f_rmw_at", "f_cas_at",
     "lock_try_at", "lock_release_at", "orphan_at", "notify_at", "park_at",
-    "sem_try_at", "sem_release_at", "rw_read_try_at", "rw_read_release_at",
+    "sem_try_at", "sem_release_at", "rw_read_try_at", "rw_read_release_at", "rw_write_try_at",
 ]
 
 ORPHAN = 0xFFFF               # free, but its last owner died holding it
 OWNER_MASK = 0xFFFF
-READER = 1 << 16              # RWLock: one reader
-READERS_MASK = ((1 << 32) - 1) << 16
 
 # Word indices relative to the SYNC block.
 VALUE = (L.SY_VALUE - L.SY_BASE) >> 3
@@ -278,7 +277,7 @@ def park_at(c, seen, timeout_ns):
 def _lock_try(w, i, me):
     v = A.load(w, i, "relaxed")
     own = v & OWNER_MASK
-    if (own == 0 or own == ORPHAN) and (v & READERS_MASK) == 0:     # RWLock: no reader either
+    if own == 0 or own == ORPHAN:
         # acquire: pairs with the previous owner's release exchange (or the orphaning CAS).
         if A.cas(w, i, v, (v & ~OWNER_MASK) | (me + 1), "acquire") == v:
             return 2 if own == ORPHAN else 1
@@ -384,35 +383,69 @@ def sem_release_at(c, n, bound, hold):
     return v + n
 
 
+# --------------------------------------------------------------------------
+# RWLock: the writer in ``value`` (owner + 1 / ORPHAN, as a Lock), each
+# reader's read-lock count in its own holds word, a cache line apart
+# (crossbeam's ShardedLock with one shard per participant; Linux's brlock).
+# A reader increments its own word, then loads ``value``; a writer CASes
+# ``value``, then loads every reader word. Both seq_cst (Dekker): either the
+# writer sees the reader's count or the reader sees the writer and backs
+# off. Readers never write a shared line; a pending writer blocks new
+# readers, so writers do not starve.
+
 @jit("int64(int64, int64)")
 def rw_read_try_at(c, hold):
-    """Take a read lock of the RWLock: 1 if taken, 2 if taken from a writer that died holding it, 0 if a writer holds it."""
+    """Take a read lock: 1 if taken, 2 if taken after clearing a dead writer's orphaned lock, 0 if a writer holds (or waits for) it."""
     w = _w(c, hold + 1)
-    v = A.load(w, VALUE, "relaxed")
+    A.fetch_add(w, hold, 1, "seq_cst")            # Dekker: before the load of the writer word
+    v = A.load(w, VALUE, "seq_cst")
     while True:
         own = v & OWNER_MASK
-        if own != 0 and own != ORPHAN:
-            return 0
-        # acquire: pairs with the writer's release (or the orphaning CAS); an
-        # orphaned write lock is cleared by the first reader, who is told.
-        seen = A.cas(w, VALUE, v, (v & ~OWNER_MASK) + READER, "acquire")
-        if seen == v:
-            A.fetch_add(w, hold, 1, "relaxed")
-            return 2 if own == ORPHAN else 1
-        v = seen
+        if own == 0:
+            return 1
+        if own == ORPHAN:
+            seen = A.cas(w, VALUE, v, v & ~OWNER_MASK, "seq_cst")
+            if seen == v:
+                return 2
+            v = seen
+            continue
+        # A writer holds it or is draining readers: back off, and wake it if it parked on us.
+        A.fetch_add(w, hold, -1, "seq_cst")
+        _notify(w, 1 << 30)
+        return 0
 
 
 @jit("int64(int64, int64, int64)")
 def rw_read_release_at(c, hold, n):
-    """Drop ``n`` read locks (one, or a dead reader's all); wakes waiting writers when the last reader leaves."""
+    """Drop ``n`` of this participant's read locks (a reaper: all of a dead one's); wakes a draining writer."""
     w = _w(c, hold + 1)
     h = A.load(w, hold, "relaxed")
     if n > h:
         n = h
     if n <= 0:
         return -1
-    A.store(w, hold, h - n, "relaxed")
-    old = A.fetch_add(w, VALUE, -n * READER, "seq_cst")
-    if (old & READERS_MASK) == n * READER:
+    A.fetch_add(w, hold, -n, "seq_cst")           # release: pairs with the writer's scan
+    if (A.load(w, VALUE, "seq_cst") & OWNER_MASK) != 0:
         _notify(w, 1 << 30)
-    return (old & READERS_MASK) >> 16
+    return h - n
+
+
+@jit("int64(int64, int64, int64, int64, int64)")
+def rw_write_try_at(c, me, holds0, stride, pending):
+    """Take (or, if ``pending``, keep draining) the write lock for participant ``me``.
+
+    1: held, no reader left; 2: the same, taken from a writer that died
+    holding it; 3: ours, readers still draining (call again with pending=1,
+    or ``lock_release_at`` to give up); 0: another writer has it.
+    """
+    w = _w(c, holds0 + stride * L.MAX_PARTICIPANTS)
+    r = 1
+    if pending == 0:
+        r = _lock_try(w, VALUE, me)        # seq_cst enough: the CAS is acquire; the fence below orders the scan
+        if r == 0:
+            return 0
+    A.fence("seq_cst")                      # Dekker: the writer word before the reader words
+    for p in range(L.MAX_PARTICIPANTS):
+        if A.load(w, holds0 + p * stride, "seq_cst") > 0:
+            return 3
+    return r

@@ -112,6 +112,7 @@ _SEM_TRY = _entry(K.sem_try_at)
 _SEM_RELEASE = _entry(K.sem_release_at)
 _RW_READ_TRY = _entry(K.rw_read_try_at)
 _RW_READ_RELEASE = _entry(K.rw_read_release_at)
+_RW_WRITE_TRY = _entry(K.rw_write_try_at)
 
 VALUE, SEQ, AUX, FLAG = K.VALUE, K.SEQ, K.AUX, K.FLAG
 ALL = 1 << 30               # "wake everyone"
@@ -140,8 +141,10 @@ class _Sync:
     _name = ""
 
     # ------------------------------------------------------------------
+    _HOLD_STRIDE = L.WORD
+
     def _create(self, name, arg=0, arg2=0, flags=0, value=0):
-        lay = L.sync_layout()
+        lay = L.sync_layout(self._HOLD_STRIDE)
         params = [0] * 8
         params[L.PY_TYPE] = self._TYPE
         params[L.PY_ARG] = arg
@@ -150,6 +153,7 @@ class _Sync:
         params[L.PY_PARTICIPANTS] = lay["participants"]
         params[L.PY_TOKENS] = lay["tokens"]
         params[L.PY_HOLDS] = lay["holds"]
+        params[L.PY_HOLD_STRIDE] = lay["hold_stride"]
 
         def init(seg):
             W.store(seg.w, L.SY_VALUE >> 3, value)
@@ -181,13 +185,17 @@ class _Sync:
 
     def _setup(self, seg: Segment) -> None:
         p = seg.params
-        lay = L.sync_layout()
+        if p[L.PY_HOLD_STRIDE] != self._HOLD_STRIDE:
+            raise CorruptSegment(f"{seg.name!r}: holds stride {p[L.PY_HOLD_STRIDE]}, a "
+                                 f"{type(self).__name__} has {self._HOLD_STRIDE}")
+        lay = L.sync_layout(self._HOLD_STRIDE)
         if (p[L.PY_PARTICIPANTS], p[L.PY_TOKENS], p[L.PY_HOLDS]) != (
                 lay["participants"], lay["tokens"], lay["holds"]) or lay["size"] > seg.size:
             raise CorruptSegment(f"{seg.name!r}: inconsistent sync layout parameters")
         self._seg = seg
         self._name = seg.name
         self._holds0 = (lay["holds"] - L.SY_BASE) >> 3      # word index of holds[0], relative to SYNC
+        self._hstride = self._HOLD_STRIDE >> 3               # words between two participants' holds
         self._registry = Registry(seg, lay["participants"], lay["tokens"], (L.SY_ROLES, L.SY_ROLES2),
                                   (L.SY_TOKENS, L.SY_TOKENS2), (L.SY_WAITERS, L.SY_WAITERS2))
         self._tlock = threading.Lock()
@@ -207,10 +215,10 @@ class _Sync:
             reg.unregister(me)
             raise SegmentNotFound(f"{type(self).__name__} {self._name!r} was closed by its last user "
                                   "and is being removed")
-        W.store(self._seg.w, (L.SY_BASE >> 3) + self._holds0 + me, 0)
+        W.store(self._seg.w, (L.SY_BASE >> 3) + self._hw(me), 0)
         reg.set_role(me, L.ROLE_TX)
         self._me = me
-        self._hold = self._holds0 + me
+        self._hold = self._hw(me)
         self._c = self._seg.addr + L.SY_BASE
 
     def _after_fork_child(self) -> None:
@@ -238,11 +246,15 @@ class _Sync:
     def _recover(self, idx: int, died: bool) -> None:
         """Give back what participant ``idx`` holds (it died, or it is us, leaving)."""
 
+    def _hw(self, idx: int) -> int:
+        """Word index (relative to SYNC) of participant ``idx``'s holds word."""
+        return self._holds0 + idx * self._hstride
+
     def _reap(self, idx: int) -> None:
         try:
             self._recover(idx, True)
         finally:
-            W.store(self._seg.w, (L.SY_BASE >> 3) + self._holds0 + idx, 0)
+            W.store(self._seg.w, (L.SY_BASE >> 3) + self._hw(idx), 0)
 
     def _tick(self) -> None:
         """While blocked: reap dead participants (which gives back what they held)."""
@@ -251,7 +263,7 @@ class _Sync:
             W.fetch_add(self._seg.w, L.SY_REAPED >> 3, n)
 
     def _holds_of(self, idx: int) -> int:
-        return W.load(self._seg.w, (L.SY_BASE >> 3) + self._holds0 + idx)
+        return W.load(self._seg.w, (L.SY_BASE >> 3) + self._hw(idx))
 
     # ------------------------------------------------------------------
     # Waiting: spin, then park on seq (kernels/sync.py: "seq").
@@ -282,6 +294,8 @@ class _Sync:
         try:
             next_tick = time.monotonic() + PEER_CHECK
             while True:
+                if self._closed:
+                    raise Closed(f"{type(self).__name__} {self._name!r} was closed while waiting")
                 seen = _LOAD(c, SEQ)            # after our bit is set: see the module notes
                 r = attempt()                   # the lost-wake-up guard
                 if r is not None:
@@ -357,7 +371,7 @@ class _Sync:
             try:
                 self._recover(self._me, False)
             finally:
-                W.store(self._seg.w, (L.SY_BASE >> 3) + self._holds0 + self._me, 0)
+                W.store(self._seg.w, (L.SY_BASE >> 3) + self._hw(self._me), 0)
                 W.bit_clear(self._seg.w, L.SY_WAITERS >> 3, self._me)
                 reg.clear_role(self._me, L.ROLE_TX)
                 reg.unregister(self._me)
@@ -367,7 +381,12 @@ class _Sync:
         if last:
             unlink_name(self._name)
         if self._seg is not None:
-            self._seg.close()
+            if self._nwait:
+                # Another thread is parked on this mapping: unmapping it would crash that
+                # thread. Keep the mapping (not the name) until exit; it sees Closed on waking.
+                _KEPT.append(self._seg)
+            else:
+                self._seg.close()
 
     def unlink(self) -> None:
         """Remove the name now (processes that have it mapped keep using it)."""
@@ -449,9 +468,9 @@ class AtomicInt(_Sync):
     def fetch_add(self, v=1) -> int:
         """Add ``v`` (wrapping); return the previous value."""
         c = self._c
-        if not c:
-            self._cw()
-        return _FADD(c, v)
+        if c and type(v) is int:
+            return _FADD(c, v)
+        return _FADD(self._cw(), _i64(v))
 
     def fetch_sub(self, v=1) -> int:
         return _FADD(self._cw(), -_i64(v) if v != _I64_MIN else v)
@@ -717,25 +736,41 @@ class RLock(Lock):
 
 
 class RWLock(_Sync):
-    """Many readers or one writer, across processes.
+    """Many readers or one writer, across processes (crossbeam's ShardedLock).
 
     ``acquire_read``/``release_read``, ``acquire_write``/``release_write``
     (``blocking``, ``timeout`` as ``Lock.acquire``), or ``with rw.read():``
     and ``with rw.write():``. A dead writer's lock is recovered as
-    ``Lock``'s (``recovered``); a dead reader's read locks are dropped.
+    ``Lock``'s (``recovered``, for the next writer or reader); a dead
+    reader's read locks are dropped.
 
-    Readers are one shared counter, not sharded like crossbeam's ShardedLock,
-    and readers are preferred: a steady stream of readers can starve a writer.
+    Sharded for reads: each process counts its read locks in its own cache
+    line, so readers in different processes never write a shared line; a
+    read costs one atomic on the reader's own line plus a load of the
+    writer word. A writer takes the writer word (new readers then wait),
+    then waits for every reader's count to drain: a waiting writer is not
+    starved by a stream of readers. Read locks are per process (any thread
+    of it may release one); a thread holding a read lock that asks for the
+    write lock waits for itself (until its timeout), as with any RW lock.
     """
 
     _TYPE = L.SYNC_RWLOCK
+    _HOLD_STRIDE = L.CACHE_LINE
     _recovered = False
 
     def __init__(self, *, name: str | None = None):
         self._create(name)
 
     def acquire_read(self, blocking: bool = True, timeout=None) -> bool:
+        c = self._c
+        if c:
+            r = _RW_READ_TRY(c, self._hold)
+            if r:
+                self._recovered = r == 2
+                return True
         deadline = self._deadline(blocking, timeout)
+        if deadline == 0.0:
+            return False
 
         def attempt():
             r = _RW_READ_TRY(self._cw(), self._hold)
@@ -743,33 +778,45 @@ class RWLock(_Sync):
                 return None
             self._recovered = r == 2
             return True
-        r = attempt() if deadline == 0.0 else self._block(attempt, deadline)
-        return bool(r)
+        return bool(self._block(attempt, deadline))
 
     def release_read(self) -> None:
-        if _RW_READ_RELEASE(self._cw(), self._hold, 1) < 0:
+        if _RW_READ_RELEASE(self._c or self._cw(), self._hold, 1) < 0:
             raise RuntimeError("release_read without a read lock held by this process")
 
     def acquire_write(self, blocking: bool = True, timeout=None) -> bool:
+        c = self._cw()
         deadline = self._deadline(blocking, timeout)
+        state = {"pending": 0, "recovered": False}
 
         def attempt():
-            r = _LOCK_TRY(self._cw(), VALUE, self._me, 0)
+            r = _RW_WRITE_TRY(self._cw(), self._me, self._holds0, self._hstride, state["pending"])
             if r == 0:
                 return None
-            self._recovered = r == 2
+            if state["pending"] == 0:
+                state["recovered"] = r == 2
+                state["pending"] = 1
+            if r == 3:
+                return None             # ours; readers still draining
+            self._recovered = state["recovered"]
             return True
-        got = attempt() if deadline == 0.0 else self._block(attempt, deadline)
-        if got is None and deadline != 0.0 and self._c:
-            _NOTIFY(self._c, ALL)
+        got = None
+        try:
+            got = attempt() if deadline == 0.0 else self._block(attempt, deadline)
+        finally:
+            if got is None and state["pending"] and self._c:
+                _LOCK_RELEASE(self._c, VALUE, ALL)       # give up the draining write lock: readers go on
+            elif got is None and self._c and deadline != 0.0:
+                _NOTIFY(c, ALL)
         return bool(got)
 
     def release_write(self) -> None:
-        if _LOCK_RELEASE(self._cw(), VALUE, ALL) == 0:
+        if _LOCK_RELEASE(self._c or self._cw(), VALUE, ALL) == 0:
             raise RuntimeError("release_write of an unlocked RWLock")
 
     @property
     def recovered(self) -> bool:
+        """Whether the last acquire through this handle took the lock from a writer that had died."""
         return self._recovered
 
     def read(self):
@@ -781,13 +828,17 @@ class RWLock(_Sync):
     def _recover(self, idx: int, died: bool) -> None:
         if self._c:
             _ORPHAN(self._c, VALUE, idx)
-            _RW_READ_RELEASE(self._c, self._holds0 + idx, 1 << 40)
+            _RW_READ_RELEASE(self._c, self._hw(idx), 1 << 40)
+
+    def readers(self) -> int:
+        """Read locks held now, over every process (racy: for diagnostics)."""
+        self._cw()
+        return sum(max(0, self._holds_of(i)) for i in range(L.MAX_PARTICIPANTS))
 
     def _describe(self):
-        v = _LOAD(self._cw(), VALUE)
-        own = v & K.OWNER_MASK
+        own = _LOAD(self._cw(), VALUE) & K.OWNER_MASK
         w = "writer" if own not in (0, K.ORPHAN) else "no writer"
-        return f"readers={(v & K.READERS_MASK) >> 16} {w}"
+        return f"readers={self.readers()} {w}"
 
 
 class _Guard:
@@ -1213,7 +1264,7 @@ class WaitGroup(_Sync):
             return
         h = self._holds_of(idx)
         if h > 0:
-            W.store(self._seg.w, (L.SY_BASE >> 3) + self._holds0 + idx, 0)
+            W.store(self._seg.w, (L.SY_BASE >> 3) + self._hw(idx), 0)
             if _RMW(self._c, VALUE, K.OP_ADD, -h) - h <= 0:
                 _NOTIFY(self._c, ALL)
             _RMW(self._c, K.RECOVERED, K.OP_ADD, h)
@@ -1324,6 +1375,7 @@ _TYPE_NAMES = {cls._TYPE: cls.__name__ for cls in (AtomicInt, AtomicFloat, Lock,
 TYPE_NAMES = _TYPE_NAMES
 
 _OPEN = weakref.WeakValueDictionary()
+_KEPT: list = []        # mappings of handles closed while another thread waited on them
 
 
 def _close_all() -> None:

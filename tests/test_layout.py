@@ -248,6 +248,10 @@ def test_sync_layout():
     assert lay["tokens"] - lay["participants"] == L.MAX_PARTICIPANTS * L.PT_SIZE
     assert lay["holds"] >= lay["tokens"] + L.MAX_TOKENS * L.TK_SIZE
     assert lay["size"] - lay["holds"] == L.MAX_PARTICIPANTS * L.WORD
+    sharded = L.sync_layout(LINE)       # an RWLock: each participant's read count on its own line
+    assert {k: sharded[k] for k in ("participants", "tokens", "holds")} == \
+        {k: lay[k] for k in ("participants", "tokens", "holds")}
+    assert sharded["size"] - sharded["holds"] == L.MAX_PARTICIPANTS * LINE and sharded["holds"] % LINE == 0
     assert L.KIND_NAMES[L.KIND_SYNC] == "sync" and len(set(L.KIND_NAMES)) == len(L.KIND_NAMES)
 
 

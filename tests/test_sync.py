@@ -285,6 +285,25 @@ def test_notify_smoke():
         assert n.notified(0.02) is False        # notify_waiters stores no permit
 
 
+def test_close_while_another_thread_waits():
+    e = shm.Event()
+    err = []
+
+    def waiter():
+        try:
+            e.wait(30)
+        except shm.Closed:
+            err.append("closed")
+    t = threading.Thread(target=waiter)
+    t.start()
+    deadline = time.monotonic() + 30
+    while e._nwait == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    e.close()                    # the waiter wakes within a peer check and sees Closed, no crash
+    t.join(30)
+    assert err == ["closed"]
+
+
 def test_rwlock_smoke():
     with _closing(shm.RWLock()) as (rw,):
         assert rw.acquire_read() and rw.acquire_read()
@@ -301,6 +320,26 @@ def test_rwlock_smoke():
             pass
         with pytest.raises(RuntimeError):
             rw.release_write()
+        # A writer waiting for readers to drain blocks new readers (writers do not starve).
+        rw.acquire_read()
+        got = []
+        t = threading.Thread(target=lambda: got.append(rw.acquire_write(timeout=30)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while "no writer" in repr(rw) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert rw.acquire_read(timeout=0.05) is False
+        rw.release_read()
+        t.join(30)
+        assert got == [True]
+        rw.release_write()
+        # A writer that gives up (timeout) lets readers in again.
+        rw.acquire_read()
+        assert rw.acquire_write(timeout=0.05) is False
+        assert rw.acquire_read(timeout=5) is True
+        rw.release_read()
+        rw.release_read()
+        assert rw.readers() == 0
 
 
 def test_open_by_name_pickle_and_wrong_kind():
@@ -521,3 +560,23 @@ class _Reader:
 
     def acquire(self):
         return self.rw.acquire_read()
+
+
+def test_killed_writer_of_rwlock_is_recovered_by_a_reader():
+    with _closing(shm.RWLock(), shm.Event()) as (rw, ready):
+        p = _start(FORK, SW.hold_lock_forever, _Writer(rw), ready)
+        assert ready.wait(60)
+        assert rw.acquire_read(timeout=0.05) is False
+        _kill(p)
+        assert rw.acquire_read(timeout=30) is True and rw.recovered
+        rw.release_read()
+        assert rw.acquire_write(timeout=5) is True and not rw.recovered
+        rw.release_write()
+
+
+class _Writer:
+    def __init__(self, rw):
+        self.rw = rw
+
+    def acquire(self):
+        return self.rw.acquire_write()
