@@ -453,6 +453,8 @@ ENTRY_TAG_MASK = (1 << ENTRY_SHIFT) - 1
 # Value kinds stored with a record (codec kinds 0-3 for encoded values).
 VK_I64 = 0x81          # an int64 in the record's value word: incr works lock-free
 VK_F64 = 0x82          # a float64 in the record's value word
+VK_STR = 0x83          # a str as UTF-8, without the codec (str values are the commonest; msgpack's
+                       # packb/unpackb cost ~200/100 ns where encode/decode cost ~30)
 
 
 def dict_layout(nshards: int) -> dict:

@@ -66,7 +66,7 @@ from ._chan import BYTES_OFF, _entry
 from ._keys import decode_key, encode_key
 from ._registry import PEER_CHECK, Registry
 from .codec import get_codec
-from .errors import Closed, CorruptSegment, OutOfSharedMemory, SegmentExists, SegmentNotFound, ShmError
+from .errors import Closed, CorruptSegment, DecodeError, OutOfSharedMemory, SegmentExists, SegmentNotFound, ShmError
 from .segment import Segment, check_name, new_name, unlink_name
 
 __all__ = ["SharedDict", "DictStats"]
@@ -103,6 +103,7 @@ _unpack_i64 = _I64.unpack_from
 _OFF = BYTES_OFF
 _AMASK = H.AREA_MASK
 _VK_I64 = L.VK_I64
+_VK_STR = L.VK_STR
 _SHRINK = H.SHRINK
 _NOTFOUND = H.NOTFOUND
 _F64 = struct.Struct("<d")
@@ -252,6 +253,8 @@ class SharedDict(MutableMapping):
         self._enc = self._codec.fast_encode or self._codec.encode
         self._dec_fast = self._codec.fast_decode
         self._kind = self._codec.kind
+        # str values go in as UTF-8 where the codec would take them anyway (not "bytes"/"numpy")
+        self._str_ok = self._codec.name in ("msgpack", "pickle")
         self._registry = Registry(ctrl, lay["participants"], lay["tokens"], (L.DC_ROLES, L.DC_ROLES2),
                                   (L.DC_TOKENS, L.DC_TOKENS2), (L.DC_WAITERS, L.DC_WAITERS2))
         self._scratch = np.zeros(H.N_BANKS * H.N_AREAS * AREA, np.uint8)
@@ -636,6 +639,11 @@ class SharedDict(MutableMapping):
             return L.VK_F64, None, _I64.unpack(_F64.pack(float(value)))[0]
         if type(value) is int and _I64_MIN <= value <= _I64_MAX:
             return L.VK_I64, None, value
+        if type(value) is str and self._str_ok:
+            try:
+                return _VK_STR, value.encode(), 0
+            except UnicodeEncodeError:
+                pass                # lone surrogates: the codec decides
         try:
             data = self._enc(value)
         except Exception:
@@ -648,6 +656,12 @@ class SharedDict(MutableMapping):
         return self._kind, data, 0
 
     def _decode(self, kind: int, buf):
+        if kind == _VK_STR:
+            try:
+                return str(buf, "utf-8")
+            except UnicodeDecodeError:
+                raise DecodeError(f"SharedDict {self._name!r}: a stored str value is not UTF-8 "
+                                  "(the dict's shared memory was overwritten)") from None
         if kind == L.VK_I64:
             return _I64.unpack_from(buf, 0)[0]
         if kind == L.VK_F64:
@@ -778,9 +792,18 @@ class SharedDict(MutableMapping):
                     except Exception:
                         pass
                 if v is _NOVALUE:
-                    return self._decode(kind, buf)
-            if (t is str or t is int) and self._cw is not None and type(v) in _CACHEABLE:
-                self._remember(key, v, a)
+                    v = self._decode(kind, buf)
+            # Keep it for cached reads (inlined: this runs on every miss).
+            tv = type(v)
+            if (t is str or t is int) and tv in _CACHEABLE:
+                sw = self._sw
+                ver = sw[2 * a + 1]
+                if ver >= 0 and self._cw is not None and (
+                        (tv is not str and tv is not bytes) or len(v) <= VALUE_CACHE_MAX):
+                    vc = self._vc
+                    if len(vc) >= VALUE_CACHE:
+                        vc.clear()
+                    vc[key] = (sw[2 * a], ver, v)
             return v
         if r == _NOTFOUND:
             raise KeyError(key)
@@ -788,17 +811,6 @@ class SharedDict(MutableMapping):
         if not found:
             raise KeyError(key)
         return v
-
-    def _remember(self, key, v, a: int) -> None:
-        """Keep ``v`` (read into area ``a``) for cached reads, with the version seen before reading it."""
-        sw = self._sw
-        ver = sw[2 * a + 1]
-        if ver < 0 or (type(v) in (str, bytes) and len(v) > VALUE_CACHE_MAX):
-            return
-        vc = self._vc
-        if len(vc) >= VALUE_CACHE:
-            vc.clear()
-        vc[key] = (sw[2 * a], ver, v)
 
     def get(self, key, default=None):
         """``d[key]`` if present, else ``default`` (lock-free)."""
@@ -836,12 +848,17 @@ class SharedDict(MutableMapping):
                     self._shrink(kb)
                 return
         else:
+            kind = self._kind
             try:
-                data = self._enc(value)
+                if type(value) is str and self._str_ok:
+                    data = value.encode()
+                    kind = _VK_STR
+                else:
+                    data = self._enc(value)
             except Exception:
                 data = None
             if type(data) is bytes:
-                r = _PUT(self._daddr, id(kb) + _OFF, len(kb), self._kind, id(data) + _OFF, len(data), 0)
+                r = _PUT(self._daddr, id(kb) + _OFF, len(kb), kind, id(data) + _OFF, len(data), 0)
                 if r >= 0:
                     if r == _SHRINK:
                         self._shrink(kb)

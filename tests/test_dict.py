@@ -482,3 +482,45 @@ def test_a_million_keys():
     assert st.keys == n and st.growths >= 3 * st.shards
     assert st.segment_bytes / n < 160, f"{st.segment_bytes / n:.0f} bytes per key"
     d.close()
+
+
+def test_str_values_are_stored_as_utf8_and_read_back_exactly():
+    """str values skip the codec (UTF-8 with their own kind) where the codec would take them anyway."""
+    from kernels import layout as L
+    from shm import dict as D
+    samples = ["", "a", "héllo ✓ 𝄞", "x" * 600, "y" * 5000]
+    for codec in ("msgpack", "pickle"):
+        d = shm.SharedDict(codec=codec)
+        try:
+            for i, s in enumerate(samples):
+                d[i] = s
+                d.update({f"u{i}": s})
+                assert d.setdefault(f"s{i}", s) == s
+            other = shm.SharedDict.open(d.name)
+            for i, s in enumerate(samples):
+                assert d[i] == s and other[i] == s and d[f"u{i}"] == s and d[f"s{i}"] == s
+                assert type(other[i]) is str
+            assert sorted(d.values(), key=len)[-1] == "y" * 5000
+            other.close()
+            if codec == "pickle":
+                d["sur"] = "\ud800"                 # not UTF-8: the codec (pickle) takes it
+                assert d["sur"] == "\ud800"
+            else:
+                with pytest.raises(TypeError, match="pickle"):
+                    d["sur"] = "\ud800"
+            kb = d._key(0)
+            bad = b"\xff\xfe"                       # a damaged UTF-8 record: a named error
+            assert D._PUT(d._daddr, id(kb) + D._OFF, len(kb), L.VK_STR, id(bad) + D._OFF, len(bad), 0) >= 0
+            d._vc.clear()
+            with pytest.raises(shm.DecodeError):
+                d[0]
+        finally:
+            d.unlink()
+            d.close()
+    raw = shm.SharedDict(codec="bytes")
+    try:
+        with pytest.raises(TypeError):
+            raw["k"] = "a str"                      # the bytes codec still refuses str
+    finally:
+        raw.unlink()
+        raw.close()
