@@ -397,6 +397,10 @@ def sem_release_at(c, n, bound, hold):
 def rw_read_try_at(c, hold):
     """Take a read lock: 1 if taken, 2 if taken after clearing a dead writer's orphaned lock, 0 if a writer holds (or waits for) it."""
     w = _w(c, hold + 1)
+    if (A.load(w, VALUE, "relaxed") & OWNER_MASK) not in (0, ORPHAN):
+        # A writer is in: back off without touching our count (so without waking it, or
+        # ourselves: a waiter that notified its own futex word would never sleep).
+        return 0
     A.fetch_add(w, hold, 1, "seq_cst")            # Dekker: before the load of the writer word
     v = A.load(w, VALUE, "seq_cst")
     while True:
@@ -409,7 +413,8 @@ def rw_read_try_at(c, hold):
                 return 2
             v = seen
             continue
-        # A writer holds it or is draining readers: back off, and wake it if it parked on us.
+        # A writer came in since the first load (and may be draining readers): back off, and
+        # wake it in case it parked on our count (rare: this may wake us once too).
         A.fetch_add(w, hold, -1, "seq_cst")
         _notify(w, 1 << 30)
         return 0

@@ -44,8 +44,9 @@ Semaphore           permits are *not* given back by default (a semaphore
                     ``return_on_death=True`` gives back the permits the
                     dead process acquired and did not release.
                     BoundedSemaphore defaults to ``return_on_death=True``
-Barrier             broken, as by ``abort()``: every waiter, now and
-                    until ``reset()``, gets ``shm.BrokenBarrier``
+Barrier             broken, as by ``abort()``, once a survivor notices
+                    (a waiting party checks every PEER_CHECK): every
+                    waiter, until ``reset()``, gets ``shm.BrokenBarrier``
 WaitGroup           units the dead process ``add``-ed and did not mark
                     ``done`` are counted done
 Notify              its pending ``notified()`` calls are withdrawn

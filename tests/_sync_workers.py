@@ -137,3 +137,23 @@ def make_and_die(conn):
     lock = shm.Lock()
     conn.send(lock.name)
     os.kill(os.getpid(), 9)
+
+
+def park_on_everything(lock, sem, event, barrier, wg, notify, rw, out):
+    """Block in six primitives at once, one thread each; count each wait that ends as expected."""
+    import threading
+
+    def run(fn):
+        try:
+            if fn():
+                out.fetch_add(1)
+        except shm.BrokenBarrier:
+            out.fetch_add(1)
+    waits = [lambda: lock.acquire(timeout=60), lambda: sem.acquire(timeout=60), lambda: event.wait(60),
+             lambda: barrier.wait(60) >= 0, lambda: wg.wait(60), lambda: notify.notified(60),
+             lambda: rw.acquire_read(timeout=60)]
+    ts = [threading.Thread(target=run, args=(f,)) for f in waits]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(90)

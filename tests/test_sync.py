@@ -580,3 +580,78 @@ class _Writer:
 
     def acquire(self):
         return self.rw.acquire_write()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")    # utime + stime
+
+
+def test_parked_waiters_use_no_cpu_and_all_wake():
+    """A process blocked in seven primitives at once (a thread each) uses no CPU, then every wait ends."""
+    prims = (shm.Lock(), shm.Semaphore(0), shm.Event(), shm.Barrier(2), shm.WaitGroup(), shm.Notify(),
+             shm.RWLock(), shm.AtomicInt(0))
+    with _closing(*prims) as (lock, sem, event, barrier, wg, notify, rw, out):
+        lock.acquire()
+        wg.add(1)
+        rw.acquire_write()
+        p = _start(FORK, SW.park_on_everything, lock, sem, event, barrier, wg, notify, rw, out)
+        deadline = time.monotonic() + 60
+        while (lock.stats()["waiting"], sem.stats()["waiting"], event.stats()["waiting"],
+               barrier.n_waiting, notify.stats()["waiting"], rw.stats()["waiting"]) != (1, 1, 1, 1, 1, 1):
+            assert time.monotonic() < deadline and p.is_alive(), "the waiters never parked"
+            time.sleep(0.01)
+        time.sleep(0.2)                        # past the spin phase
+        c0, t0 = _cpu_seconds(p.pid), time.monotonic()
+        time.sleep(1.5)
+        used = (_cpu_seconds(p.pid) - c0) / (time.monotonic() - t0)
+        assert used < 0.10, f"seven parked waiters used {used:.0%} of a core"
+        lock.release()
+        sem.release()
+        event.set()
+        barrier.wait(30)
+        wg.done()
+        notify.notify_one()
+        rw.release_write()
+        _join_ok([p])
+        assert out.load() == 7
+
+
+def test_killed_waiters_of_every_kind_do_not_disturb():
+    """SIGKILL a process parked in seven primitives: each still works for the others."""
+    prims = (shm.Lock(), shm.Semaphore(0), shm.Event(), shm.Barrier(2), shm.WaitGroup(), shm.Notify(),
+             shm.RWLock(), shm.AtomicInt(0))
+    with _closing(*prims) as (lock, sem, event, barrier, wg, notify, rw, out):
+        lock.acquire()
+        wg.add(1)
+        rw.acquire_write()
+        p = _start(FORK, SW.park_on_everything, lock, sem, event, barrier, wg, notify, rw, out)
+        deadline = time.monotonic() + 60
+        while barrier.n_waiting != 1 or notify.stats()["waiting"] != 1:
+            assert time.monotonic() < deadline, "the waiters never parked"
+            time.sleep(0.01)
+        _kill(p)
+        lock.release()
+        assert lock.acquire(timeout=5) and not lock.recovered
+        sem.release()
+        assert sem.acquire(timeout=5)
+        event.set()
+        assert event.wait(5)
+        wg.done()
+        assert wg.wait(5)
+        rw.release_write()
+        assert rw.acquire_read(timeout=5)
+        rw.release_read()
+        assert "waiting=1" in repr(notify)
+        deadline = time.monotonic() + 30
+        while notify.notified(0.1) is False:       # the dead waiter's wait is withdrawn when it is reaped
+            notify.notify_one()
+            assert time.monotonic() < deadline
+        # The dead party had arrived: this wait completes its generation, or, if a survivor has
+        # reaped the dead one by now, raises BrokenBarrier. Either way, no hang.
+        try:
+            barrier.wait(30)
+        except shm.BrokenBarrier:
+            pass
+        lock.release()
