@@ -1290,6 +1290,10 @@ class _Chan:
             self.waiting[side] += 1
             if self.waiting[side] == 1 and self.me >= 0:
                 self.registry.set_waiting(self.me, side)
+                if side == R.SIDE_RX and self.flavor == L.FLAVOR_RENDEZVOUS and not self.closed:
+                    # A try_send (send_async, select) completes only once a receiver
+                    # waits: wake senders parked on that, as a push wakes receivers.
+                    _WAKE(self.rings[0].rx_addr, R.SIDE_TX, 1 << 30)
 
     def _end_wait(self, side: int) -> None:
         with self.wait_lock:

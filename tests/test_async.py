@@ -268,3 +268,40 @@ def test_queue_get_and_put_async():
             await q.get_async(timeout=0.05)
         q.close()
     run(main())
+
+
+def _recv_later(rx, delay, out):
+    for _ in range(2):
+        time.sleep(delay)                   # the sender is parked before each receive
+        out.send(rx.recv(timeout=60))
+
+
+def test_rendezvous_send_async_is_woken_by_the_receiver_arriving(monkeypatch):
+    """A rendezvous try_send completes only once a receiver waits: its arrival must wake the sender.
+
+    The bridge's periodic re-check is pushed out to a minute, so only that
+    wake-up can complete the send within its 20 s hang guard.
+    """
+    from shm import _async
+    monkeypatch.setattr(_async, "PEER_CHECK", 60.0)
+    tx, rx = shm.rendezvous()
+    out_tx, out_rx = shm.bounded(2)
+    p = mp.get_context("fork").Process(target=_recv_later, args=(rx, 1.0, out_tx))
+    p.start()
+    rx.close()
+
+    async def main():
+        await tx.send_async("met", timeout=20)
+        i, _ = await shm.select_async([(tx, "again")], timeout=20)
+        return i
+    try:
+        assert run(main()) == 0
+        assert [out_rx.recv(timeout=30), out_rx.recv(timeout=30)] == ["met", "again"]
+    finally:
+        p.join(30)
+        _close_all(tx, out_tx, out_rx)
+
+
+def _close_all(*hs):
+    for h in hs:
+        h.close()
