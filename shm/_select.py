@@ -50,6 +50,8 @@ from .errors import Disconnected, Empty, Full, SelectTimeout
 
 __all__ = ["select", "select_async"]
 
+_NOTHING = object()
+
 
 class _Op:
     __slots__ = ("index", "handle", "message", "is_send")
@@ -70,7 +72,8 @@ class _Op:
             if self.is_send:
                 self.handle.try_send(self.message)
                 return self.index, None
-            return self.index, self.handle.try_recv()
+            v = self.handle._poll(_NOTHING)
+            return None if v is _NOTHING else (self.index, v)
         except (Empty, Full):
             return None
         except Disconnected as e:

@@ -46,6 +46,7 @@ from .errors import Closed, Disconnected, Empty, Full
 __all__ = ["bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats"]
 
 _EMPTY = R.EMPTY
+_NOTHING = object()
 _FULL = R.FULL
 _FLAVOR_NAMES = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded", L.FLAVOR_RENDEZVOUS: "rendezvous"}
 
@@ -356,10 +357,14 @@ class Receiver(_Handle):
     """The receiving end of a channel. Iterating yields messages until disconnected."""
 
     _role = L.ROLE_RX
-    _FAST = ("recv", "try_recv")
+    _FAST = ("recv", "try_recv", "_poll")
 
     def _fast(self, c):
-        return {"recv": _make_recv(c, True), "try_recv": _make_recv(c, False)}
+        return {"recv": _make_recv(c, True), "try_recv": _make_recv(c, False), "_poll": _make_poll(c)}
+
+    def _poll(self, nothing):
+        """``try_recv`` that returns ``nothing`` instead of raising Empty (async and select retry loops)."""
+        raise Closed("this Receiver was closed")
 
     def recv(self, timeout: float | None = None):
         """Receive the next message, waiting up to ``timeout`` seconds (None: forever).
@@ -405,13 +410,11 @@ class Receiver(_Handle):
         """
         c = self._chan()
         deadline = _deadline(timeout)
-        try_recv = self.try_recv
+        poll = self._poll
 
         def attempt():
-            try:
-                return (try_recv(),)
-            except Empty:
-                return None
+            v = poll(_NOTHING)
+            return None if v is _NOTHING else (v,)
 
         r = await _async.wait_ready([(c, R.SIDE_RX)], attempt, deadline)
         if r is None:
@@ -489,6 +492,24 @@ def _make_send(c: _Chan, blocking: bool):
         slow(obj, data, None, blocking=False)
     try_send.__doc__ = Sender.try_send.__doc__
     return try_send
+
+
+def _make_poll(c: _Chan):
+    POP, EMPTY, AMASK, LSHIFT = _POP, _EMPTY, R.AREA_MASK, R.LEN_SHIFT
+    scratch, area, slow, rx0 = c.scratch, c.area, c.recv, c.rx0
+
+    def poll(nothing):
+        r = POP(c.rx_addr)
+        if r >= 0:
+            off = ((r >> 8) & AMASK) * area
+            return c.decode(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
+        if r == EMPTY:              # no exception to make and catch: ~0.2 us instead of ~1.4
+            return nothing
+        try:
+            return slow(rx0, r, None, blocking=False)
+        except Empty:
+            return nothing
+    return poll
 
 
 def _make_recv(c: _Chan, blocking: bool):
