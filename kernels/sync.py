@@ -37,8 +37,7 @@ Words (``SYNC``)
     index) held; ``ORPHAN`` (0xFFFF) free, but the last owner died holding
     it: the next acquirer takes it *recovered* (pthread's EOWNERDEAD).
     RWLock: the writer, as a Lock (readers count in their holds words).
-    Semaphore: permits
-    left. Event: 0/1. Barrier: generation << 32 | parties arrived.
+    Semaphore: permits left. Event: 0/1. Barrier: generation << 32 | parties arrived.
     WaitGroup: units outstanding. Notify: permit (bit 0) | waiters << 1.
 ``seq``
     The futex word. A waiter sets its bit in ``waiters``, loads ``seq``,
@@ -55,10 +54,14 @@ Orderings
 ==========================  ==========  =============================================
 step                        ordering    pairs with
 ==========================  ==========  =============================================
-lock CAS 0/ORPHAN -> me+1   acquire     the release exchange of the previous owner
-lock release exchange -> 0  seq_cst     acquire CAS; and (as a full fence) the load of
-                                        ``waiters`` after it (lost-wake-up guard)
-orphan CAS dead+1 -> ORPHAN acq_rel     the next acquirer's CAS
+lock CAS 0/ORPHAN -> me+1   acquire     the release CAS of the previous owner
+lock release CAS owner -> 0 seq_cst     the next acquire CAS; and (as a full fence) the
+                                        load of ``waiters`` after it (lost-wake-up guard)
+orphan CAS dead+1 -> ORPHAN seq_cst     the next acquirer's CAS (a reaper's write)
+RWLock reader: own count +1 seq_cst     the writer's scan of the counts after its CAS
+  then load of the writer               and fence (Dekker: one of them sees the other)
+RWLock writer: CAS, fence,  seq_cst     the readers' increments; a reader's decrement
+  then load every count                 (seq_cst) releases what it read
 atomic ops (AtomicInt ...)  seq_cst     each other: AtomicCell is sequentially consistent
 semaphore CAS n -> n-1      acq_rel     the release fetch_add of ``release``
 semaphore release fetch_add seq_cst     the waiter's bit set + load of ``value``
@@ -74,6 +77,12 @@ its bit with a seq_cst fetch_or before it loads ``seq`` and re-checks.
 Either the notifier sees the bit (and bumps ``seq`` after the change, so the
 waiter's futex_wait returns at once or is woken) or the waiter's re-check
 sees the change.
+
+A waiter that was woken (one of ``n``) but leaves without taking what it
+was woken for (its timeout passed) passes the wake-up on (``notify(1)``),
+so wake-one never strands the next waiter. A waiter never notifies its own
+futex word inside its wait loop: it would return from every futex_wait at
+once and spin (found by tests/test_sync.py's CPU check on a parked reader).
 
 RWLock readers each count in their own holds word (a cache line apart), so
 readers in different processes never write a shared line; see "RWLock" below.
