@@ -675,11 +675,18 @@ class Lock(_Sync):
         self.acquire()
 
     def __enter__(self):
-        self.acquire()
+        c = self._c
+        if c:                           # acquire()'s fast path, one call less
+            r = _LOCK_TRY(c, VALUE, self._me, LOCK_SPIN)
+            if r:
+                self._recovered = r == 2
+                return self
+        self._acquire_slow(True, None)
         return self
 
     def __exit__(self, *exc):
-        self.release()
+        if _LOCK_RELEASE(self._c or self._cw(), VALUE, 1) == 0:
+            raise RuntimeError("release unlocked lock")
 
     def _describe(self):
         pid = self.owner_pid()
@@ -698,6 +705,13 @@ class RLock(Lock):
     def _local_setup(self) -> None:
         self._owner = None
         self._count = 0
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
     def acquire(self, blocking: bool = True, timeout=None) -> bool:
         me = threading.get_ident()
