@@ -157,3 +157,12 @@ def park_on_everything(lock, sem, event, barrier, wg, notify, rw, out):
         t.start()
     for t in ts:
         t.join(90)
+
+
+def pool_task(args):
+    """A Pool task: take the lock, bump the counter, and report what it saw."""
+    lock, counter, sem, i = args
+    with sem:
+        with lock:
+            counter.store(counter.load() + 1)
+    return i, type(lock).__name__

@@ -457,6 +457,14 @@ def test_rwlock_writers_lose_nothing(ctx):
         assert cell.load() == 2000
 
 
+def test_handles_travel_through_a_pool(ctx):
+    with _closing(shm.RLock(), shm.AtomicInt(0), shm.BoundedSemaphore(2)) as (lock, counter, sem):
+        with ctx.Pool(2) as pool:
+            out = pool.map(SW.pool_task, [(lock, counter, sem, i) for i in range(40)], chunksize=4)
+        assert sorted(out) == [(i, "RLock") for i in range(40)]
+        assert counter.load() == 40 and sem.get_value() == 2 and not lock.locked()
+
+
 # --------------------------------------------------------------------------
 # SIGKILL.
 
