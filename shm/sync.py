@@ -75,7 +75,7 @@ from kernels import layout as L
 from kernels import sync as K
 from kernels import words as W
 
-from . import _chan
+from . import _async, _chan
 from . import _liveness
 from ._registry import PEER_CHECK, Registry
 from ._wait import deadline_of
@@ -314,6 +314,52 @@ class _Sync:
                 _PARK(c, seen, int(wait * 1e9) + 1)
         finally:
             self._leave_wait()
+
+    def _drive(self, gen):
+        """Run a blocking operation written as a generator: each ``yield (attempt, deadline, retries)`` waits here."""
+        try:
+            req = next(gen)
+            while True:
+                req = gen.send(self._block(*req))
+        except StopIteration as e:
+            return e.value
+
+    async def _drive_async(self, gen):
+        """The same operation for asyncio: each wait is awaited (``shm/_async.py``), never blocking the loop.
+
+        Cancelled while waiting, the generator is closed at its ``yield``: its
+        ``finally``/``except GeneratorExit`` give back what the wait held.
+        """
+        try:
+            req = next(gen)
+            while True:
+                attempt, deadline, _ = req
+                try:
+                    r = await _async.wait_ready([(self, 0)], attempt, deadline)
+                except BaseException:
+                    gen.close()
+                    raise
+                req = gen.send(r)
+        except StopIteration as e:
+            return e.value
+
+    # The waiting interface shm/_async.py parks through (as a channel's).
+    def seq_offset(self, side: int) -> int:
+        return L.SY_SEQ
+
+    def _begin_wait(self, side: int) -> None:
+        self._enter_wait()
+
+    def _end_wait(self, side: int) -> None:
+        self._leave_wait()
+
+    @property
+    def ctrl(self):
+        return self._seg
+
+    def check_peers(self) -> None:
+        if not self._closed:
+            self._tick()
 
     @staticmethod
     def _deadline(blocking, timeout):
@@ -618,6 +664,13 @@ class Lock(_Sync):
         return self._acquire_slow(blocking, timeout)
 
     def _acquire_slow(self, blocking, timeout) -> bool:
+        return self._drive(self._acquire_g(blocking, timeout))
+
+    async def acquire_async(self, timeout=None) -> bool:
+        """``acquire()`` for asyncio: awaits the lock without blocking the event loop."""
+        return await self._drive_async(self._acquire_g(True, timeout))
+
+    def _acquire_g(self, blocking, timeout):
         deadline = self._deadline(blocking, timeout)
         if self._try(LOCK_SPIN if blocking else 0):
             return True
@@ -625,7 +678,7 @@ class Lock(_Sync):
             return False
         got = None
         try:
-            got = self._block(lambda: self._try(0), deadline, retries=0)
+            got = (yield (lambda: self._try(0), deadline, 0))
         finally:
             if got is None and self._c:
                 _NOTIFY(self._c, 1)        # a wake-up meant for us goes to the next waiter
@@ -713,6 +766,10 @@ class RLock(Lock):
     def __exit__(self, *exc):
         self.release()
 
+    async def acquire_async(self, timeout=None) -> bool:
+        raise TypeError("RLock has no asyncio twin: its owner is a thread, and an event loop's tasks share "
+                        "one (asyncio has no reentrant lock either); use shm.Lock.acquire_async")
+
     def acquire(self, blocking: bool = True, timeout=None) -> bool:
         me = threading.get_ident()
         if self._owner == me:
@@ -777,6 +834,13 @@ class RWLock(_Sync):
         self._create(name)
 
     def acquire_read(self, blocking: bool = True, timeout=None) -> bool:
+        return self._drive(self._acquire_read_g(blocking, timeout))
+
+    async def acquire_read_async(self, timeout=None) -> bool:
+        """``acquire_read(timeout=...)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._acquire_read_g(True, timeout))
+
+    def _acquire_read_g(self, blocking: bool = True, timeout=None):
         c = self._c
         if c:
             r = _RW_READ_TRY(c, self._hold)
@@ -793,13 +857,20 @@ class RWLock(_Sync):
                 return None
             self._recovered = r == 2
             return True
-        return bool(self._block(attempt, deadline))
+        return bool((yield (attempt, deadline, RETRIES)))
 
     def release_read(self) -> None:
         if _RW_READ_RELEASE(self._c or self._cw(), self._hold, 1) < 0:
             raise RuntimeError("release_read without a read lock held by this process")
 
     def acquire_write(self, blocking: bool = True, timeout=None) -> bool:
+        return self._drive(self._acquire_write_g(blocking, timeout))
+
+    async def acquire_write_async(self, timeout=None) -> bool:
+        """``acquire_write(timeout=...)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._acquire_write_g(True, timeout))
+
+    def _acquire_write_g(self, blocking: bool = True, timeout=None):
         c = self._cw()
         deadline = self._deadline(blocking, timeout)
         state = {"pending": 0, "recovered": False}
@@ -817,7 +888,7 @@ class RWLock(_Sync):
             return True
         got = None
         try:
-            got = attempt() if deadline == 0.0 else self._block(attempt, deadline)
+            got = attempt() if deadline == 0.0 else (yield (attempt, deadline, RETRIES))
         finally:
             if got is None and state["pending"] and self._c:
                 _LOCK_RELEASE(self._c, VALUE, ALL)       # give up the draining write lock: readers go on
@@ -901,6 +972,13 @@ class Semaphore(_Sync):
         return True if _SEM_TRY(self._cw(), self._hold if self._track else -1, spins) else None
 
     def acquire(self, blocking: bool = True, timeout=None) -> bool:
+        return self._drive(self._acquire_g(blocking, timeout))
+
+    async def acquire_async(self, timeout=None) -> bool:
+        """``acquire(timeout=...)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._acquire_g(True, timeout))
+
+    def _acquire_g(self, blocking: bool = True, timeout=None):
         deadline = self._deadline(blocking, timeout)
         if self._try(LOCK_SPIN if blocking else 0):
             return True
@@ -908,7 +986,7 @@ class Semaphore(_Sync):
             return False
         got = None
         try:
-            got = self._block(lambda: self._try(0), deadline, retries=0)
+            got = (yield (lambda: self._try(0), deadline, 0))
         finally:
             if got is None and self._c and _LOAD(self._c, VALUE) > 0:
                 _NOTIFY(self._c, 1)
@@ -975,9 +1053,16 @@ class Event(_Sync):
         _STORE(self._cw(), VALUE, 0)
 
     def wait(self, timeout=None) -> bool:
+        return self._drive(self._wait_g(timeout))
+
+    async def wait_async(self, timeout=None) -> bool:
+        """``wait(timeout)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._wait_g(timeout))
+
+    def _wait_g(self, timeout=None):
         c = self._cw()
         deadline = deadline_of(timeout)
-        return bool(self._block(lambda: True if _LOAD(c, VALUE) else None, deadline))
+        return bool((yield (lambda: True if _LOAD(c, VALUE) else None, deadline, RETRIES)))
 
     def _describe(self):
         return "set" if self.is_set() else "clear"
@@ -1137,6 +1222,13 @@ class Barrier(_Sync):
         return _LOAD(self._cw(), FLAG) != 0
 
     def wait(self, timeout=None) -> int:
+        return self._drive(self._wait_g(timeout))
+
+    async def wait_async(self, timeout=None) -> int:
+        """``wait(timeout)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._wait_g(timeout))
+
+    def _wait_g(self, timeout=None):
         c = self._cw()
         if timeout is None:
             timeout = self._timeout
@@ -1165,7 +1257,11 @@ class Barrier(_Sync):
             if _LOAD(c, FLAG):
                 return False
             return None
-        r = self._block(attempt, deadline)
+        try:
+            r = (yield (attempt, deadline, RETRIES))
+        except GeneratorExit:           # wait_async cancelled: leaving breaks it, as a timeout does
+            self.abort()
+            raise
         if r is None:
             self.abort()
             raise BrokenBarrier(f"barrier {self._name!r}: timed out, so broken")
@@ -1270,9 +1366,16 @@ class WaitGroup(_Sync):
         return max(0, _LOAD(self._cw(), VALUE))
 
     def wait(self, timeout=None) -> bool:
+        return self._drive(self._wait_g(timeout))
+
+    async def wait_async(self, timeout=None) -> bool:
+        """``wait(timeout)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._wait_g(timeout))
+
+    def _wait_g(self, timeout=None):
         c = self._cw()
         deadline = deadline_of(timeout)
-        return bool(self._block(lambda: True if _LOAD(c, VALUE) <= 0 else None, deadline))
+        return bool((yield (lambda: True if _LOAD(c, VALUE) <= 0 else None, deadline, RETRIES)))
 
     def _recover(self, idx: int, died: bool) -> None:
         if not self._c:
@@ -1339,6 +1442,13 @@ class Notify(_Sync):
         return None
 
     def notified(self, timeout=None) -> bool:
+        return self._drive(self._notified_g(timeout))
+
+    async def notified_async(self, timeout=None) -> bool:
+        """``notified(timeout)`` for asyncio: awaits without blocking the event loop."""
+        return await self._drive_async(self._notified_g(timeout))
+
+    def _notified_g(self, timeout=None):
         c = self._cw()
         deadline = deadline_of(timeout)
         while True:
@@ -1350,7 +1460,13 @@ class Notify(_Sync):
                 break
         _RMW(c, self._hold, K.OP_ADD, 1)
         try:
-            if self._block(lambda: self._credit(c), deadline):
+            try:
+                got = (yield (lambda: self._credit(c), deadline, RETRIES))
+            except GeneratorExit:       # notified_async cancelled: withdraw; a credit already ours goes on
+                if self._withdraw(c, 1) == 0:  # a notifier had counted us: its credit is now ours
+                    self.notify_one()
+                raise
+            if got:
                 return True
             return self._withdraw(c, 1) == 0
         finally:
