@@ -11,10 +11,10 @@ import os
 import sys
 import time
 
-from . import channels, dicts, sync
+from . import aio, channels, dicts, sync
 from .common import log
 
-GROUPS = {"channels": channels, "dicts": dicts, "sync": sync}
+GROUPS = {"channels": channels, "dicts": dicts, "sync": sync, "aio": aio}
 DEFAULT_REPS = 5
 DEFAULT_SECONDS = 1.0
 
