@@ -408,9 +408,13 @@ class Receiver(_Handle):
         Same errors as ``recv``. Cancelled while waiting (``asyncio.wait_for``,
         ``asyncio.timeout``, ``task.cancel()``), it has taken no message.
         """
+        poll = self._poll
+        if timeout is None or timeout >= 0:     # (NaN and negatives go to _deadline's ValueError)
+            v = poll(_NOTHING)                  # the fast path: a message is there
+            if v is not _NOTHING:
+                return v
         c = self._chan()
         deadline = _deadline(timeout)
-        poll = self._poll
 
         def attempt():
             v = poll(_NOTHING)
