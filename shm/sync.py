@@ -64,6 +64,7 @@ others just the same).
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import struct
@@ -1137,6 +1138,48 @@ class Condition(_Sync):
         finally:
             lock._acquire_restore(saved)
         return bool(r)
+
+    async def wait_async(self, timeout=None) -> bool:
+        """``wait`` for asyncio. The lock must be a ``shm.Lock`` (an RLock's owner is a thread, and
+        an event loop's tasks share one); it is re-acquired without blocking the loop, even when
+        the wait is cancelled (as ``asyncio.Condition`` does)."""
+        lock = self._lock
+        if lock is None or not lock._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        if isinstance(lock, RLock):
+            raise TypeError("Condition.wait_async needs a shm.Lock: make it with shm.Condition(shm.Lock())")
+        c = self._cw()
+        deadline = deadline_of(timeout)
+        ticket = _RMW(c, VALUE, K.OP_ADD, 1)
+        lock.release()
+        try:
+            r = await self._drive_async(self._ticket_g(c, ticket, deadline))
+        finally:
+            cancelled = False
+            while True:
+                try:
+                    await lock.acquire_async()
+                    break
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
+        return bool(r)
+
+    def _ticket_g(self, c, ticket, deadline):
+        return (yield (lambda: True if _LOAD(c, AUX) > ticket else None, deadline, RETRIES))
+
+    async def wait_for_async(self, predicate, timeout=None):
+        """``wait_for`` for asyncio (the lock held, a ``shm.Lock``)."""
+        deadline = deadline_of(timeout)
+        result = predicate()
+        while not result:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            await self.wait_async(left)
+            result = predicate()
+        return result
 
     def wait_for(self, predicate, timeout=None):
         deadline = deadline_of(timeout)

@@ -181,3 +181,53 @@ def test_cancelled_waits_give_back_what_they_held():
     finally:
         for h in (sem, nt, b, lock):
             h.close()
+
+
+def _produce_items(cond, cell, n):
+    for i in range(n):
+        with cond:
+            cell.fetch_add(1)
+            cond.notify_all()
+        time.sleep(0.01)
+
+
+def test_condition_wait_for_async_across_processes():
+    lock = shm.Lock()
+    cond = shm.Condition(lock)
+    cell = shm.AtomicInt(0)
+    p = FORK.Process(target=_produce_items, args=(cond, cell, 20))
+    p.start()
+
+    async def main():
+        await lock.acquire_async()
+        try:
+            assert await cond.wait_for_async(lambda: cell.load() >= 20, timeout=60)
+            assert lock._is_owned()                 # held again on the way out
+            assert await cond.wait_async(timeout=0.05) is False
+        finally:
+            lock.release()
+        t = asyncio.create_task(_wait_holding(lock, cond))
+        await asyncio.sleep(0.05)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert lock.acquire(timeout=5)               # the cancelled waiter released it on the way out
+        lock.release()
+        with pytest.raises(TypeError, match="shm.Lock"):
+            c2 = shm.Condition()                     # an RLock by default
+            with c2:
+                await c2.wait_async(0.01)
+    try:
+        run(main())
+    finally:
+        p.join(60)
+        for h in (cond, lock, cell):
+            h.close()
+
+
+async def _wait_holding(lock, cond):
+    await lock.acquire_async()
+    try:
+        await cond.wait_async()
+    finally:
+        lock.release()
