@@ -33,6 +33,7 @@ unsent message. A dead peer is noticed within about a second.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kernels import layout as L
@@ -346,6 +347,21 @@ class Sender(_Handle):
         if await _async.wait_ready([(c, R.SIDE_TX)], attempt, deadline) is None:
             raise Full(f"no room on channel {c.name!r} before the timeout", message=obj)
 
+    async def send_many_async(self, items, timeout: float | None = None) -> None:
+        """``send_many`` for asyncio: each item awaits room in turn; ``timeout`` bounds the whole call.
+
+        On ``Full``/``Disconnected`` the exception's ``.message`` is the list of items not sent.
+        """
+        deadline = _deadline(timeout)
+        items = list(items)
+        for k, obj in enumerate(items):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await self.send_async(obj, left)
+            except (Full, Disconnected) as e:
+                e.message = items[k:]
+                raise
+
     def is_disconnected(self) -> bool:
         """True when no receiver is left (this also reaps receivers that died)."""
         c = self._chan()
@@ -424,6 +440,23 @@ class Receiver(_Handle):
         if r is None:
             raise Empty(f"nothing arrived on channel {c.name!r} before the timeout")
         return r[0]
+
+    async def recv_many_async(self, max_items: int, timeout: float | None = None) -> list:
+        """``recv_many`` for asyncio: awaits at least one message, then takes up to ``max_items`` queued."""
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        c = self._chan()
+
+        def attempt():
+            try:
+                return c.recv_many(max_items, None, blocking=False)
+            except Empty:
+                return None
+
+        r = await _async.wait_ready([(c, R.SIDE_RX)], attempt, _deadline(timeout))
+        if r is None:
+            raise Empty(f"nothing arrived on channel {c.name!r} before the timeout")
+        return r
 
     def __aiter__(self):
         """``async for msg in rx``: messages until every sender is gone and the channel is drained."""

@@ -35,6 +35,7 @@ import time
 from kernels import layout as L
 from kernels import words as W
 
+from . import _async
 from .channel import Receiver, Sender, _deadline, bounded, unbounded
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue"]
@@ -159,6 +160,12 @@ class SimpleQueue:
     def get(self):
         return self._q.get()
 
+    async def put_async(self, obj) -> None:
+        await self._q.put_async(obj)
+
+    async def get_async(self):
+        return await self._q.get_async()
+
     def empty(self) -> bool:
         return self._q.empty()
 
@@ -236,8 +243,40 @@ class JoinableQueue(Queue):
                     return False
             W.futex_wait(w, i, v, int(wait * 1e9))
 
+    async def join_async(self, timeout: float | None = None) -> bool:
+        """``join`` for asyncio: awaits every task done without blocking the event loop."""
+        self._check()
+        w, i = self._tasks()
+        r = await _async.wait_ready([(_TasksWord(self._tx._chan()), 0)],
+                                    lambda: True if W.load(w, i) <= 0 else None, _deadline(timeout))
+        return r is not None
+
     @property
     def unfinished_tasks(self) -> int:
         w, i = self._tasks()
         return W.load(w, i)
 
+
+
+class _TasksWord:
+    """The unfinished-tasks word as something shm/_async.py can park on (task_done wakes it at 0)."""
+
+    def __init__(self, chan):
+        self.chan = chan
+        self.ctrl = chan.ctrl
+
+    @property
+    def closed(self) -> bool:
+        return self.chan.closed
+
+    def seq_offset(self, side: int) -> int:
+        return L.CH_TASKS
+
+    def _begin_wait(self, side: int) -> None:
+        pass                            # task_done wakes every waiter when the count reaches 0
+
+    def _end_wait(self, side: int) -> None:
+        pass
+
+    def check_peers(self) -> None:
+        self.chan.check_peers()

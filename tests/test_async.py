@@ -305,3 +305,30 @@ def test_rendezvous_send_async_is_woken_by_the_receiver_arriving(monkeypatch):
 def _close_all(*hs):
     for h in hs:
         h.close()
+
+
+def test_batches_simplequeue_and_join_async():
+    async def main():
+        tx, rx = shm.bounded(4)
+        await tx.send_many_async([1, 2, 3])
+        assert await rx.recv_many_async(10, timeout=1) == [1, 2, 3]
+        with pytest.raises(shm.Empty):
+            await rx.recv_many_async(10, timeout=0.05)
+        with pytest.raises(shm.Full) as e:
+            await tx.send_many_async(range(10), timeout=0.1)
+        assert e.value.message == [4, 5, 6, 7, 8, 9]       # what was not sent
+        assert await rx.recv_many_async(10) == [0, 1, 2, 3]
+        tx.close()
+        rx.close()
+        sq = shm.SimpleQueue()
+        await sq.put_async("s")
+        assert await sq.get_async() == "s"
+        sq.close()
+        jq = shm.JoinableQueue()
+        jq.put("job")
+        assert await jq.join_async(timeout=0.05) is False
+        assert jq.get() == "job"
+        asyncio.get_running_loop().call_later(0.1, jq.task_done)
+        assert await jq.join_async(timeout=30) is True
+        jq.close()
+    run(main())
