@@ -728,6 +728,9 @@ class Lock(_Sync):
     def _acquire_restore(self, saved) -> None:
         self.acquire()
 
+    async def _acquire_restore_async(self, saved) -> None:
+        await self.acquire_async()
+
     def __enter__(self):
         c = self._c
         if c:                           # acquire()'s fast path, one call less
@@ -747,11 +750,20 @@ class Lock(_Sync):
         return f"locked by pid {pid}" if pid is not None else "unlocked"
 
 
-class RLock(Lock):
-    """A reentrant robust lock: ``multiprocessing.RLock``'s API, owned by one thread of one process.
+def _holder():
+    """Who holds an RLock: the running asyncio task, if any (an event loop's tasks share a thread), else the thread."""
+    if asyncio._get_running_loop() is not None:
+        t = asyncio.current_task()
+        if t is not None:
+            return t
+    return threading.get_ident()
 
-    Recursion is counted per handle and thread; a dead owner releases it
-    whatever its depth (``recovered`` as for ``Lock``).
+
+class RLock(Lock):
+    """A reentrant robust lock: ``multiprocessing.RLock``'s API, owned by one thread (or asyncio task) of one process.
+
+    Recursion is counted per handle and thread (per task under asyncio); a
+    dead owner releases it whatever its depth (``recovered`` as for ``Lock``).
     """
 
     _TYPE = L.SYNC_RLOCK
@@ -768,11 +780,22 @@ class RLock(Lock):
         self.release()
 
     async def acquire_async(self, timeout=None) -> bool:
-        raise TypeError("RLock has no asyncio twin: its owner is a thread, and an event loop's tasks share "
-                        "one (asyncio has no reentrant lock either); use shm.Lock.acquire_async")
+        """``acquire`` for asyncio; the owner is the awaiting task (tasks share a thread)."""
+        me = _holder()
+        if self._owner == me:
+            self._count += 1
+            return True
+        if not await Lock.acquire_async(self, timeout):
+            return False
+        self._owner, self._count = me, 1
+        return True
+
+    async def _acquire_restore_async(self, count) -> None:
+        await Lock.acquire_async(self)
+        self._owner, self._count = _holder(), count
 
     def acquire(self, blocking: bool = True, timeout=None) -> bool:
-        me = threading.get_ident()
+        me = _holder()
         if self._owner == me:
             self._count += 1
             return True
@@ -782,7 +805,7 @@ class RLock(Lock):
         return True
 
     def release(self) -> None:
-        if self._owner != threading.get_ident():
+        if self._owner != _holder():
             raise RuntimeError("cannot release un-acquired lock")
         self._count -= 1
         if self._count == 0:
@@ -790,7 +813,7 @@ class RLock(Lock):
             super().release()
 
     def _is_owned(self) -> bool:
-        return self._owner == threading.get_ident()
+        return self._owner == _holder()
 
     def _release_save(self):
         if not self._is_owned():
@@ -801,7 +824,7 @@ class RLock(Lock):
 
     def _acquire_restore(self, count) -> None:
         Lock.acquire(self)
-        self._owner, self._count = threading.get_ident(), count
+        self._owner, self._count = _holder(), count
 
     def _describe(self):
         pid = self.owner_pid()
@@ -1140,25 +1163,22 @@ class Condition(_Sync):
         return bool(r)
 
     async def wait_async(self, timeout=None) -> bool:
-        """``wait`` for asyncio. The lock must be a ``shm.Lock`` (an RLock's owner is a thread, and
-        an event loop's tasks share one); it is re-acquired without blocking the loop, even when
-        the wait is cancelled (as ``asyncio.Condition`` does)."""
+        """``wait`` for asyncio: the lock is re-acquired without blocking the loop, even when the
+        wait is cancelled (as ``asyncio.Condition`` does)."""
         lock = self._lock
         if lock is None or not lock._is_owned():
             raise RuntimeError("cannot wait on un-acquired lock")
-        if isinstance(lock, RLock):
-            raise TypeError("Condition.wait_async needs a shm.Lock: make it with shm.Condition(shm.Lock())")
         c = self._cw()
         deadline = deadline_of(timeout)
         ticket = _RMW(c, VALUE, K.OP_ADD, 1)
-        lock.release()
+        saved = lock._release_save()
         try:
             r = await self._drive_async(self._ticket_g(c, ticket, deadline))
         finally:
             cancelled = False
             while True:
                 try:
-                    await lock.acquire_async()
+                    await lock._acquire_restore_async(saved)
                     break
                 except asyncio.CancelledError:
                     cancelled = True
@@ -1170,7 +1190,7 @@ class Condition(_Sync):
         return (yield (lambda: True if _LOAD(c, AUX) > ticket else None, deadline, RETRIES))
 
     async def wait_for_async(self, predicate, timeout=None):
-        """``wait_for`` for asyncio (the lock held, a ``shm.Lock``)."""
+        """``wait_for`` for asyncio (the lock held)."""
         deadline = deadline_of(timeout)
         result = predicate()
         while not result:

@@ -117,8 +117,16 @@ def test_event_waitgroup_notify_semaphore_rwlock():
         rw.release_read()
         assert await rw.acquire_write_async(timeout=1) is True
         rw.release_write()
-        with pytest.raises(TypeError, match="RLock"):
-            await shm.RLock().acquire_async()
+        rl = shm.RLock()
+        assert await rl.acquire_async(timeout=1) and await rl.acquire_async(timeout=1)   # reentrant per task
+
+        async def other_task():
+            return await rl.acquire_async(timeout=0.05)
+        assert await asyncio.create_task(other_task()) is False                      # another task: no
+        rl.release()
+        rl.release()
+        assert await asyncio.create_task(other_task()) is True
+        rl.close()
     try:
         run(main())
     finally:
@@ -213,10 +221,11 @@ def test_condition_wait_for_async_across_processes():
             await t
         assert lock.acquire(timeout=5)               # the cancelled waiter released it on the way out
         lock.release()
-        with pytest.raises(TypeError, match="shm.Lock"):
-            c2 = shm.Condition()                     # an RLock by default
-            with c2:
-                await c2.wait_async(0.01)
+        c2 = shm.Condition()                         # over an RLock (the default): owned by this task
+        await c2.lock.acquire_async()
+        assert await c2.wait_async(0.01) is False and c2.lock._is_owned()
+        c2.release()
+        c2.close()
     try:
         run(main())
     finally:
