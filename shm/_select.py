@@ -109,16 +109,26 @@ def _sides(ops):
     return out
 
 
-def select(ops, timeout: float | None = None):
+_NO_DEFAULT = object()
+
+
+def select(ops, timeout: float | None = None, *, default=_NO_DEFAULT):
     """Complete exactly one of ``ops`` and return ``(index, value)``.
 
     ``ops`` holds Receivers (a receive: ``value`` is the message) and
     ``(Sender, message)`` pairs (a send: ``value`` is None). Waits up to
     ``timeout`` seconds (None: forever; 0: only what is ready now) and raises
-    ``SelectTimeout`` (a ``TimeoutError``) if none completed. An operation
-    whose other side is gone raises ``Disconnected`` with ``.index``.
+    ``SelectTimeout`` (a ``TimeoutError``) if none completed. With
+    ``default=``, nothing waits: if no operation is ready now it returns
+    ``(None, default)`` (crossbeam's ``default`` branch). An operation whose
+    other side is gone raises ``Disconnected`` with ``.index``.
     """
     ops = _ops(ops)
+    if default is not _NO_DEFAULT:
+        if timeout is not None:
+            raise ValueError("select: give a timeout or a default, not both")
+        r = _attempt_all(ops)
+        return r if r is not None else (None, default)
     deadline = _deadline(timeout)
     r = _attempt_all(ops)
     if r is not None:

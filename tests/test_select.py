@@ -215,3 +215,15 @@ def test_parked_select_uses_no_cpu_and_still_wakes(monkeypatch, waitv):
         p.join(30)
     finally:
         _close(tx1, rx1, tx2, rx2)
+
+
+def test_default_returns_at_once_when_nothing_is_ready():
+    (tx1, rx1), (tx2, rx2) = shm.bounded(2), shm.bounded(2)
+    try:
+        assert shm.select([rx1, rx2], default="idle") == (None, "idle")
+        tx2.send("b")
+        assert shm.select([rx1, rx2], default="idle") == (1, "b")
+        with pytest.raises(ValueError):
+            shm.select([rx1], timeout=1, default=None)
+    finally:
+        _close(tx1, rx1, tx2, rx2)
