@@ -620,6 +620,8 @@ class SharedDict(MutableMapping):
             kc[key] = kb        # str keys repeat: keep their encoding (a dict lookup is cheaper)
             return kb
         if self._numeric:
+            if isinstance(key, np.integer):
+                key = int(key)          # numpy ints, as numeric values already are (numpy users' keys)
             if type(key) is not int and not isinstance(key, int) or not _I64_MIN <= key <= _I64_MAX:
                 raise TypeError(f"this SharedDict has int64 keys (numeric mode), not {type(key).__name__}"
                                 + ("" if not isinstance(key, int) else " out of int64 range"))

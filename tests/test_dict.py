@@ -524,3 +524,20 @@ def test_str_values_are_stored_as_utf8_and_read_back_exactly():
     finally:
         raw.unlink()
         raw.close()
+
+
+def test_numeric_mode_takes_numpy_integer_keys():
+    d = shm.SharedDict(key_type="int64", value_type="int64")
+    try:
+        d[np.int64(5)] = np.int64(7)
+        d[np.int32(-3)] = 1
+        assert d[5] == 7 and d[np.int64(5)] == 7 and d[-3] == 1 and np.uint8(5) in d
+        assert d.incr(np.int64(5)) == 8
+        assert sorted(d) == [-3, 5] and all(type(k) is int for k in d)
+        with pytest.raises(TypeError, match="int64"):
+            d[np.uint64(2**63)] = 1                  # beyond int64
+        with pytest.raises(TypeError):
+            d[np.float64(1.0)] = 1                   # not an integer type
+    finally:
+        d.unlink()
+        d.close()
