@@ -51,6 +51,7 @@ from kernels import words as W
 
 from ._multiwait import wait_any
 from ._registry import PEER_CHECK
+from .errors import Disconnected
 
 __all__ = ["wait_ready", "Registration", "SPIN"]
 
@@ -138,6 +139,16 @@ async def wait_ready(sides, attempt, deadline):
                     return None
         finally:
             reg.cancel()
+
+
+async def messages(recv_async):
+    """``async for``: ``await recv_async()`` until the other side is gone (Disconnected)."""
+    while True:
+        try:
+            msg = await recv_async()
+        except Disconnected:
+            return
+        yield msg
 
 
 # --------------------------------------------------------------------------

@@ -25,8 +25,6 @@ leaves nothing half-visible, and the next one takes the lock over.
 """
 from __future__ import annotations
 
-import atexit
-import os
 import threading
 import time
 import weakref
@@ -509,15 +507,8 @@ class BroadcastReceiver(_Handle):
                 return
 
     def __aiter__(self):
-        return self._messages_async()
+        return _async.messages(self.recv_async)
 
-    async def _messages_async(self):
-        while True:
-            try:
-                msg = await self.recv_async()
-            except Disconnected:
-                return
-            yield msg
 
     def __len__(self) -> int:
         """Messages published that this subscriber has not read (at most the capacity)."""
@@ -701,25 +692,5 @@ class OneshotReceiver:
 # --------------------------------------------------------------------------
 # Process lifetime.
 
-def _close_all() -> None:
-    for p in list(_PORTS):
-        try:
-            p.close()
-        except Exception:
-            pass
-
-
-def _each(method: str):
-    def hook():
-        for p in list(_PORTS):
-            try:
-                getattr(p, method)()
-            except Exception:
-                pass
-    return hook
-
-
-atexit.register(_close_all)
-os.register_at_fork(before=_each("before_fork"), after_in_parent=_each("after_fork_parent"),
-                    after_in_child=_each("after_fork_child"))
-_chan.EXIT_HOOKS.append(_close_all)
+_chan.track_handles(lambda: _PORTS, before_fork="before_fork", after_fork_parent="after_fork_parent",
+                    after_fork_child="after_fork_child")

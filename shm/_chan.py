@@ -1531,7 +1531,30 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
 _HANDLES: "weakref.WeakSet" = weakref.WeakSet()
 
 
-EXIT_HOOKS: list = []        # other structures' close-everything functions (SharedDict's)
+EXIT_HOOKS: list = []        # other structures' close-everything functions (registered by track_handles)
+
+
+def track_handles(handles, *, after_fork_child: str, before_fork: str | None = None,
+                  after_fork_parent: str | None = None) -> None:
+    """Process lifetime for a structure's open handles (dicts, primitives, broadcasts).
+
+    ``handles()`` returns them. At exit (atexit, and multiprocessing children,
+    which leave through ``os._exit``, via ``close_all``) each is closed; around
+    a fork each gets the named method. A handle that raises is skipped.
+    """
+    def each(method):
+        def hook():
+            for h in list(handles()):
+                try:
+                    getattr(h, method)()
+                except Exception:
+                    pass
+        return hook
+    close = each("close")
+    atexit.register(close)
+    EXIT_HOOKS.append(close)
+    os.register_at_fork(**{k: each(m) for k, m in (("before", before_fork), ("after_in_parent", after_fork_parent),
+                                                   ("after_in_child", after_fork_child)) if m})
 
 
 def close_all() -> None:

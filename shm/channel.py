@@ -460,15 +460,8 @@ class Receiver(_Handle):
 
     def __aiter__(self):
         """``async for msg in rx``: messages until every sender is gone and the channel is drained."""
-        return self._messages_async()
+        return _async.messages(self.recv_async)
 
-    async def _messages_async(self):
-        while True:
-            try:
-                msg = await self.recv_async()
-            except Disconnected:
-                return
-            yield msg
 
     def is_disconnected(self) -> bool:
         """True when no sender is left (queued messages may remain)."""

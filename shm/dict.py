@@ -45,7 +45,6 @@ loops can call with ``d.kernel()`` (``examples/njit_counters.py``).
 """
 from __future__ import annotations
 
-import atexit
 import os
 import struct
 import threading
@@ -1366,22 +1365,4 @@ def _unlink_all(name: str, family: str) -> None:
 _OPEN = weakref.WeakValueDictionary()      # id -> SharedDict (dicts are unhashable)
 
 
-def _close_all() -> None:
-    for d in list(_OPEN.values()):
-        try:
-            d.close()
-        except Exception:
-            pass
-
-
-def _after_fork_child() -> None:
-    for d in list(_OPEN.values()):
-        try:
-            d._after_fork_child()
-        except Exception:
-            pass
-
-
-atexit.register(_close_all)
-os.register_at_fork(after_in_child=_after_fork_child)
-_chan.EXIT_HOOKS.append(_close_all)        # multiprocessing children leave through os._exit
+_chan.track_handles(_OPEN.values, after_fork_child="_after_fork_child")

@@ -65,7 +65,6 @@ others just the same).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import struct
 import threading
@@ -1572,22 +1571,4 @@ _OPEN = weakref.WeakValueDictionary()
 _KEPT: list = []        # mappings of handles closed while another thread waited on them
 
 
-def _close_all() -> None:
-    for h in list(_OPEN.values()):
-        try:
-            h.close()
-        except Exception:
-            pass
-
-
-def _after_fork_child() -> None:
-    for h in list(_OPEN.values()):
-        try:
-            h._after_fork_child()
-        except Exception:
-            pass
-
-
-atexit.register(_close_all)
-os.register_at_fork(after_in_child=_after_fork_child)
-_chan.EXIT_HOOKS.append(_close_all)        # multiprocessing children leave through os._exit
+_chan.track_handles(_OPEN.values, after_fork_child="_after_fork_child")
