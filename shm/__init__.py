@@ -19,6 +19,7 @@ from .errors import (AccessDenied, BrokenBarrier, Closed, CorruptSegment, Decode
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
                      SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind)
 from .errors import Lagged
+from .errors import BackendUnavailable
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ _BROADCAST = ("broadcast", "BroadcastSender", "BroadcastReceiver", "watch", "Wat
 
 
 def __getattr__(name):
+    if name == "connect":
+        from ._connect import connect   # shm.connect(url): the same API on shared memory or Redis
+        return connect
     if name in _BROADCAST:
         from . import _broadcast        # its kernels load on first use
         return getattr(_broadcast, name)
@@ -51,5 +55,6 @@ __all__ = [*_SYNC, "BrokenBarrier",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "AccessDenied",
+    "connect", "BackendUnavailable",
     "select", "select_async", "SelectTimeout", "Lagged", *_BROADCAST,
 ]

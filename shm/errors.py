@@ -23,6 +23,7 @@ __all__ = [
     "EncodeError", "DecodeError", "MessageTooLarge",
     "SegmentError", "SegmentNotFound", "SegmentExists", "AccessDenied", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "BrokenBarrier", "SelectTimeout", "Lagged",
+    "BackendUnavailable",
 ]
 
 
@@ -108,6 +109,16 @@ class OutOfSharedMemory(SegmentError, MemoryError):
 
 class TooManyParticipants(ShmError):
     """Every participant slot of the structure is taken by live processes."""
+
+
+class BackendUnavailable(ShmError, ConnectionError):
+    """A remote backend (``shm.connect("redis://...")``) could not be reached in time.
+
+    Raised after the connection was retried with backoff for ``retry_for``
+    seconds; the message says what was being done and the last error. What
+    the server had acknowledged is intact; the operation that raised may or
+    may not have been applied (a send retried later is never duplicated).
+    """
 
 
 class SelectTimeout(ShmError, TimeoutError):
