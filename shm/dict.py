@@ -97,6 +97,23 @@ _STORE_NUM_LOCKED = _entry(H.store_num_locked_at)
 _INCR_NUM = _entry(H.incr_num_at)
 _SHARD_OF_NUM = _entry(H.shard_of_num_at)
 
+
+def _obj_entry(dispatcher):
+    """The compiled entry point of a kernel that takes Python objects (``H.PYSTR``/``H.PYBYTES``) and ints.
+
+    No dispatcher typing: each argument is converted by its type's unboxer,
+    which checks the object's type itself (a wrong one raises TypeError).
+    """
+    (sig,) = dispatcher.signatures
+    if not all(t in (H.PYSTR, H.PYBYTES) or str(t) == "int64" for t in sig):
+        raise TypeError(f"{dispatcher.__name__}: unexpected signature {sig}")
+    return dispatcher.overloads[sig].entry_point
+
+
+_PUT_STR_I64 = _obj_entry(H.put_str_i64_at)
+_PUT_STR_STR = _obj_entry(H.put_str_str_at)
+_PUT_STR_BYTES = _obj_entry(H.put_str_bytes_at)
+
 _I64 = struct.Struct("<q")
 _unpack_i64 = _I64.unpack_from
 _OFF = BYTES_OFF
@@ -273,6 +290,9 @@ class SharedDict(MutableMapping):
         d[H.X_AREA_SIZE] = AREA
         d[H.X_BANKS] = self._banks.ctypes.data
         d[H.X_KEYMODE] = 1 if self._numeric else 0
+        self._keybuf = np.zeros(H.KEYBUF, np.uint8)
+        self._keybuf[0] = ord("s")          # the str-key kernels write the UTF-8 after it
+        d[H.X_KEYBUF] = self._keybuf.ctypes.data
         d[H.X_VALKIND] = ((L.VK_I64 if self._vtype == 1 else L.VK_F64) if self._numeric else 0)
         self._d = d
         self._daddr = d.ctypes.data
@@ -836,7 +856,30 @@ class SharedDict(MutableMapping):
     # Writes.
 
     def __setitem__(self, key, value):
-        kb = self._kc.get(key) if type(key) is str else None
+        # The fast path for str keys: one kernel call that takes the key and
+        # the value (int, str, or the codec's bytes) as Python objects. An
+        # object it cannot take raises before the kernel runs (an int beyond
+        # int64, a lone surrogate), a status other than done comes back
+        # negative: either way the general path below does the whole write.
+        if type(key) is str:
+            tv = type(value)
+            try:
+                if tv is int:
+                    r = _PUT_STR_I64(self._daddr, key, value)
+                elif tv is str and self._str_ok:
+                    r = _PUT_STR_STR(self._daddr, key, value)
+                else:
+                    data = self._enc(value)
+                    r = _PUT_STR_BYTES(self._daddr, key, data, self._kind) if type(data) is bytes else -1
+            except Exception:
+                r = -1
+            if r >= 0:
+                if r == _SHRINK:
+                    self._shrink(self._key(key))
+                return
+            kb = self._kc.get(key)
+        else:
+            kb = None
         if kb is None:
             kb = self._key(key)
         if type(value) is int:
