@@ -143,6 +143,11 @@ local function once(ops, field, seq, fn)
   redis.call('HSET', ops, field, cmsgpack.pack({seq, r}))
   return r
 end
+local SUFFIXES = {':q', ':tx', ':rx', ':p', ':h', ':ops'}
+local function disarm(base)
+  redis.call('PERSIST', base)
+  for _, s in ipairs(SUFFIXES) do redis.call('PERSIST', base .. s) end
+end
 """
 
 # KEYS: meta, zset; ARGV: kind, lease_ms, member -> {0} | {-1, kind} | {1, meta...}
@@ -161,7 +166,33 @@ RENEW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local t = now() + tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[2], t, ARGV[i]) end
+if redis.call('PTTL', KEYS[1]) >= 0 then disarm(KEYS[1]) end
 return 1
+"""
+
+# The close scripts' end, for channels and dicts: delete everything if no
+# lease is left, else arm a timer that deletes it after the last lease left
+# would expire, disarmed by the next renewal (so handles whose process was
+# killed, or that were pickled and never unpickled, do not keep it forever).
+# ARGV[1] of the caller is the lease in ms; zsets: the structure's lease sets.
+_LUA_LAST_OUT = """
+local function last_out(base, zsets, lease)
+  local t = now()
+  local latest = 0
+  for _, z in ipairs(zsets) do
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', '(' .. t)
+    local top = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+    if #top > 0 and tonumber(top[2]) > latest then latest = tonumber(top[2]) end
+  end
+  local keys = {base}
+  for _, s in ipairs(SUFFIXES) do keys[#keys + 1] = base .. s end
+  if latest == 0 then
+    redis.call('DEL', unpack(keys))
+    return 1
+  end
+  for _, k in ipairs(keys) do redis.call('PEXPIREAT', k, latest + lease) end
+  return 0
+end
 """
 
 # KEYS: zset; ARGV: member
@@ -211,7 +242,7 @@ class Backend:
         """A registered script (EVALSHA, loaded again by redis-py after a server restart)."""
         s = self._scripts.get(src)
         if s is None:
-            s = self.client().register_script(_LUA_PRELUDE + src)
+            s = self.client().register_script(_LUA_PRELUDE + (_LUA_LAST_OUT if "last_out(" in src else "") + src)
             self._scripts[src] = s
         return s
 
@@ -294,8 +325,11 @@ class Backend:
 
     @staticmethod
     def _renew_loop(ref, wake):
-        failing = False
-        while True:
+        # Every lease was just taken (creation, open, pickling, the parent's plan
+        # for a forked child), so the first renewal waits one period: a
+        # multiprocessing child gives back what it was not given before then.
+        wait = ref().lease / 5
+        while not wake.wait(wait):
             self = ref()
             if self is None:
                 return
@@ -303,9 +337,7 @@ class Backend:
             ok = self.renew_all()
             del self
             # After a failure, try again soon: the leases must be back before they expire.
-            failing = not ok
-            if wake.wait(min(0.2, every) if failing else every):
-                return
+            wait = every if ok else min(0.2, every)
 
     def renew_all(self, leases=None) -> bool:
         """Renew every lease held (or ``leases``) in one pipelined round trip; False if it failed."""

@@ -159,23 +159,17 @@ return once(KEYS[2], ARGV[1], ARGV[2], function()
 end)
 """
 
-# KEYS: meta, tx, rx, q, ops; ARGV: role zset index (2 or 3), member, ops fields... -> 1 if it deleted the channel
+# KEYS: meta, tx, rx, q, ops; ARGV: lease_ms, role zset index (2 or 3), member, ops fields...
+# -> 1 if it deleted the channel
 CLOSE = """
-local zset = KEYS[tonumber(ARGV[1])]
-redis.call('ZREM', zset, ARGV[2])
-if #ARGV > 2 then redis.call('HDEL', KEYS[5], unpack(ARGV, 3)) end
-if ARGV[1] == '3' and redis.call('EXISTS', KEYS[4]) == 1 then
-  local ok, p = pcall(redis.call, 'XPENDING', KEYS[4], 'g', '-', '+', 1, ARGV[2])
-  if ok and #p == 0 then pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[4], 'g', ARGV[2]) end
+local zset = KEYS[tonumber(ARGV[2])]
+redis.call('ZREM', zset, ARGV[3])
+if #ARGV > 3 then redis.call('HDEL', KEYS[5], unpack(ARGV, 4)) end
+if ARGV[2] == '3' and redis.call('EXISTS', KEYS[4]) == 1 then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[4], 'g', '-', '+', 1, ARGV[3])
+  if ok and #p == 0 then pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[4], 'g', ARGV[3]) end
 end
-local t = now()
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. t)
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. t)
-if redis.call('ZCARD', KEYS[2]) + redis.call('ZCARD', KEYS[3]) == 0 then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-  return 1
-end
-return 0
+return last_out(KEYS[1], {KEYS[2], KEYS[3]}, tonumber(ARGV[1]))
 """
 
 # KEYS: meta, q, tx, rx -> {xlen, added, read, pending, senders, receivers, recovered}
@@ -274,7 +268,7 @@ class _RedisHandle(HandleBase):
         if not self._registered:
             return
         s = b.script(CLOSE)
-        args = ["2" if self._role == "tx" else "3", self._member, *self._fields.values()]
+        args = [b.lease_ms, "2" if self._role == "tx" else "3", self._member, *self._fields.values()]
         try:
             b.run(lambda c: s(keys=self._keys_all, args=args, client=c), what=f"closing {self._name!r}")
         except Exception:

@@ -78,16 +78,11 @@ redis.call('ZADD', KEYS[2], now() + tonumber(ARGV[2]), ARGV[3])
 return 1
 """
 
-# KEYS: meta, p, h, ops; ARGV: member, ops fields... -> 1 if it deleted the dict
+# KEYS: meta, p, h, ops; ARGV: lease_ms, member, ops fields... -> 1 if it deleted the dict
 CLOSE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-if #ARGV > 1 then redis.call('HDEL', KEYS[4], unpack(ARGV, 2)) end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. now())
-if redis.call('ZCARD', KEYS[2]) == 0 then
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
-  return 1
-end
-return 0
+redis.call('ZREM', KEYS[2], ARGV[2])
+if #ARGV > 2 then redis.call('HDEL', KEYS[4], unpack(ARGV, 3)) end
+return last_out(KEYS[1], {KEYS[2]}, tonumber(ARGV[1]))
 """
 
 # KEYS: h, ops; ARGV: op field, seq, key, delta, delta is float (0/1), default (encoded, '' if not a number)
@@ -622,7 +617,7 @@ class _Lease(HandleBase):
         s = b.script(CLOSE)
         keys = [self._base, self._base + ":p", self._base + ":h", self._ops]
         try:
-            b.run(lambda c: s(keys=keys, args=[self._member, *self._fields.values()], client=c),
+            b.run(lambda c: s(keys=keys, args=[b.lease_ms, self._member, *self._fields.values()], client=c),
                   what=f"closing {self._name!r}")
         except Exception:
             pass

@@ -53,6 +53,9 @@ def shm_clean(request):
     pytest.fail(f"test left {len(leaked)} entries in /dev/shm: {sorted(leaked)[:10]}")
 
 
+from _redis_server import redis_server  # noqa: E402,F401  (session: a loopback redis-server for the Redis backend)
+
+
 @pytest.fixture(params=["fork", "spawn"])
 def ctx(request):
     import multiprocessing as mp
