@@ -734,7 +734,15 @@ def breakdown() -> dict:
         out[f"d[k] = v, short str value ({K:,} keys)"] = _best_ns(lambda: [st(k, v) for k, v in zip(keys, vals)], K)
         out[f"d[k] = v, int value ({K:,} keys)"] = _best_ns(setloop(ints, 9), K)
         out["  msgpack encode (short str)"] = _best_ns(loop(d._enc, vals), K)
-        out["  put kernel call alone, int value (put_at)"] = _best_ns(kern(PUT, ikbs, SD._VK_I64, 0, 0, 9), K)
+        PUT_STR = SD._PUT_STR_I64
+
+        def put_str():
+            for k in ints:
+                PUT_STR(da, k, 9)
+        out["  put kernel call alone, int value (put_str_i64_at: the str key and the int as objects)"] = \
+            _best_ns(put_str, K)
+        out["  put_at, the general path's kernel (non-str keys: seven int arguments)"] = \
+            _best_ns(kern(PUT, ikbs, SD._VK_I64, 0, 0, 9), K)
         out[f"d[k] = v, int value, {SMALL_KEYS:,} keys cycled"] = _best_ns(setloop(many, 9), SMALL_KEYS, reps=3)
         out[f"d.incr(k) ({K:,} keys)"] = _best_ns(loop(incr, ints), K)
         out["  incr kernel call alone (incr_at)"] = _best_ns(kern(INCR, ikbs, 1), K)
@@ -879,9 +887,8 @@ def limits(cases, verdicts, bd) -> list[str]:
             out.append(
                 f"set vs {nm}: shm {fmt_rate(s)}/s, {nm} {fmt_rate(b)}/s; {f}x needs {fmt_rate(f * b)}/s, i.e. "
                 f"{1e9 / (f * b):.0f} ns per set. One process: `d[k] = v` costs {ns('d[k] = v, short str')} ns for "
-                f"a short string (msgpack encode {ns('msgpack encode')} ns) and {ns('d[k] = v, int value (')} ns "
-                f"for an int (the put kernel alone {ns('put kernel')} ns); {ns('d[k] = v, int value, ')} ns when "
-                f"the keys overflow the key cache.")
+                f"a short string and {ns('d[k] = v, int value (')} ns for an int (the put kernel alone "
+                f"{ns('put kernel')} ns); {ns('d[k] = v, int value, ')} ns cycling {SMALL_KEYS:,} keys.")
     inc = med("incr", "shm", "rate")
     if inc and bd and any(t.startswith("two-process incr >=") for t in failed):
         out.append(

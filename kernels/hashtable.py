@@ -744,12 +744,12 @@ def delete_at(daddr, key_addr, n, locked):
 # ``id(kb) + BYTES_OFF`` and ``len(kb)`` for the key and the value and paid
 # numba's wrapper one int conversion per argument: ~165 ns of call for a
 # ~75 ns kernel. The kernels below take the Python objects themselves: the
-# argument types ``PYSTR`` and ``PYBYTES`` unbox a ``str`` (to its UTF-8,
-# ``PyUnicode_AsUTF8AndSize``: the str's own buffer when it is ASCII) or a
-# ``bytes`` (``PyBytes_AsStringAndSize``) into (address, length), with the
-# C API's own type check: a wrong object, a lone surrogate (UnicodeEncodeError)
-# or an int beyond int64 (OverflowError) raises before the kernel runs, and
-# the caller takes its general path. Measured: ~80 ns per call instead of
+# argument types ``PYSTR`` and ``PYBYTES`` unbox a ``str`` (to its UTF-8: the
+# str's own buffer when it is ASCII, see ``_unbox_str``) or a ``bytes``
+# (``PyBytes_AsStringAndSize``) into (address, length), with the C API's own
+# type check: a wrong object, a lone surrogate (UnicodeEncodeError), a long
+# non-ASCII str (ValueError) or an int beyond int64 (OverflowError) raises
+# before the kernel runs, and the caller takes its general path. Measured: ~80 ns per call instead of
 # ~165. They are only callable through their compiled entry point
 # (``overloads[sig].entry_point``, as shm/dict.py does); the dispatcher
 # types a str as ``unicode_type`` and finds no match.
@@ -777,19 +777,60 @@ _attr(PyBufType, "ptr", "ptr")
 _attr(PyBufType, "n", "n")
 
 
+STR_UTF8_MAX = 256      # a non-ASCII str longer than this (in code points) is refused by PYSTR
+
+
+def _unbox_str(obj, c):
+    """(address, length) of a str's UTF-8, or an error set (TypeError, UnicodeEncodeError, ValueError).
+
+    An ASCII str is its own UTF-8: its buffer, nothing allocated. Otherwise
+    ``PyUnicode_AsUTF8AndSize`` makes the UTF-8 and CPython keeps it on the
+    str (freed with it), as for every C API that asks; a long non-ASCII
+    str is refused instead (ValueError: the caller's general path encodes
+    it into a temporary), so that a user's big text does not silently keep
+    its UTF-8 twin for as long as it lives.
+    """
+    b, api = c.builder, c.pyapi
+    i64 = _ir.IntType(64)
+    p_ptr = _cgutils.alloca_once_value(b, _ir.Constant(i64, 0))
+    p_n = _cgutils.alloca_once_value(b, _ir.Constant(i64, -1))
+    getlen = api._get_function(_ir.FunctionType(api.py_ssize_t, [api.pyobj]), name="PyUnicode_GetLength")
+    n = b.call(getlen, [obj])                   # -1 and TypeError if not a str
+    with b.if_then(b.icmp_signed(">=", n, _ir.Constant(n.type, 0))):
+        ok, data, _, _, ascii_, _ = api.string_as_string_size_and_kind(obj)
+        is_ascii = b.and_(ok, b.icmp_unsigned("!=", ascii_, _ir.Constant(ascii_.type, 0)))
+        with b.if_else(is_ascii) as (ascii_str, other):
+            with ascii_str:
+                b.store(b.ptrtoint(data, i64), p_ptr)
+                b.store(b.sext(n, i64) if n.type != i64 else n, p_n)
+            with other:
+                with b.if_else(b.icmp_signed("<=", n, _ir.Constant(n.type, STR_UTF8_MAX))) as (short, long_):
+                    with short:
+                        ok2, buf, m = api.string_as_string_and_size(obj)
+                        with b.if_then(ok2):
+                            b.store(b.ptrtoint(buf, i64), p_ptr)
+                            b.store(b.sext(m, i64) if m.type != i64 else m, p_n)
+                    with long_:
+                        api.err_set_string("PyExc_ValueError",
+                                           "a long non-ASCII str: encode it (the general path)")
+    return b.load(p_ptr), b.load(p_n)
+
+
 @_unbox(PyBufType)
 def _unbox_pybuf(typ, obj, c):
     if typ.what == "str":
-        ok, buf, n = c.pyapi.string_as_string_and_size(obj)
+        ptr, n = _unbox_str(obj, c)
+        bad = c.builder.icmp_signed("<", n, _ir.Constant(n.type, 0))
     else:
         pbuf = _cgutils.alloca_once(c.builder, c.pyapi.cstring)
         pn = _cgutils.alloca_once(c.builder, c.pyapi.py_ssize_t)
         ok = c.pyapi.bytes_as_string_and_size(obj, pbuf, pn)
-        buf, n = c.builder.load(pbuf), c.builder.load(pn)
+        ptr, n = c.builder.ptrtoint(c.builder.load(pbuf), _ir.IntType(64)), c.builder.load(pn)
+        bad = c.builder.not_(ok)
     out = _cgutils.create_struct_proxy(typ)(c.context, c.builder)
-    out.ptr = c.builder.ptrtoint(buf, _ir.IntType(64))
+    out.ptr = ptr
     out.n = n
-    return _NativeValue(out._getvalue(), is_error=c.builder.not_(ok))
+    return _NativeValue(out._getvalue(), is_error=bad)
 
 
 @jit(inline="always")

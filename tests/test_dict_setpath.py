@@ -17,9 +17,9 @@ from shm import dict as D
 from shm._keys import encode_key
 
 KEYS = ["", "a", "key1234", "héllo ✓ 𝄞", "x" * (H.KEYBUF - 2), "y" * (H.KEYBUF - 1), "z" * H.KEYBUF,
-        "w" * 5000, "\ud800 lone", "nul\x00inside"]
+        "w" * 5000, "\ud800 lone", "nul\x00inside", "ü" * H.STR_UTF8_MAX, "ü" * (H.STR_UTF8_MAX + 1)]
 VALUES = [0, 1, -1, 2**63 - 1, -2**63, 2**63, 2**64 - 1, True, False, None, 1.5, float("inf"),
-          "", "s", "héllo ✓ 𝄞", "v" * 600, b"", b"\x00\xff", [1, "a"], {"k": [None]}]
+          "", "s", "héllo ✓ 𝄞", "v" * 600, "ü" * (H.STR_UTF8_MAX + 1), b"", b"\x00\xff", [1, "a"], {"k": [None]}]
 
 
 @pytest.fixture
@@ -71,6 +71,24 @@ def test_the_kernels_take_what_they_should(d):
     for k in ("z" * H.KEYBUF, "\udc80", "big"):
         assert not _fast(d, k), k
     assert d["z" * H.KEYBUF] == 1 and d["\udc80"] == 1 and d["big"] == 2**64 - 1
+
+
+def test_long_non_ascii_strs_get_no_utf8_copy_attached(d):
+    """CPython keeps the UTF-8 it makes for a non-ASCII str on the str: only short ones may get one."""
+    import sys
+    v = "ü" * (H.STR_UTF8_MAX + 1)
+    k = "ключ" * 100
+    sv, sk = sys.getsizeof(v), sys.getsizeof(k)
+    d["k"] = v
+    d[k] = 1
+    d[k] = v
+    assert sys.getsizeof(v) == sv and sys.getsizeof(k) == sk
+    assert d["k"] == v and d[k] == v and not _fast(d, k)
+    short = "ключ"
+    d[short] = short
+    assert _fast(d, short) and d[short] == short
+    with pytest.raises(ValueError):
+        D._PUT_STR_STR(d._daddr, "k", v)
 
 
 def test_wrong_objects_raise_instead_of_reaching_the_kernel(d):
