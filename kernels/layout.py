@@ -626,3 +626,95 @@ def broadcast_layout(capacity: int, slot: int) -> dict:
     tokens = participants + MAX_PARTICIPANTS * PT_SIZE
     slots = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
     return {"participants": participants, "tokens": tokens, "slots": slots, "size": slots + capacity * slot}
+
+
+# --------------------------------------------------------------------------
+# The process pool (kernels/pool.py, shm/pool.py): one KIND_POOL segment:
+# header; ``POOL``; ``WORKER`` x workers; the injector deque (owned by the
+# pool's parent); one deque per worker; the arena of task payloads.
+
+KIND_POOL = 8
+KIND_NAMES[KIND_POOL] = "pool"
+
+# Pool parameters (P0..P7 of a KIND_POOL segment).
+PP_WORKERS = 0        # worker slots
+PP_DCAP = 1           # tasks per worker deque (a power of two)
+PP_ICAP = 2           # tasks in the injector deque (a power of two)
+PP_TABLE = 3          # byte offset of the worker table
+PP_INJECTOR = 4       # byte offset of the injector deque
+PP_DEQUES = 5         # byte offset of worker 0's deque (the others follow, dq_bytes apart)
+PP_ARENA = 6          # byte offset of the payload arena
+PP_ARENA_SIZE = 7     # arena bytes
+
+POOL = Layout("pool", [
+    # Bumped (seq_cst) by a worker each time it turns BUSY, before it claims
+    # anything: the parent's quiescence scan reads it before and after.
+    Field("epoch", 8, atomic=True, hot=True),
+    # The futex word idle workers park on; bumped by whoever makes work
+    # visible (the parent pushing, a worker that stole a batch) when
+    # ``sleepers`` is non-zero.
+    Field("wake", 8, atomic=True, hot=True),
+    Field("sleepers", 8, atomic=True, hot=True),
+    Field("shutdown", 8, atomic=True, align=CACHE_LINE),   # POOL_RUN / POOL_DRAIN / POOL_STOP
+    Field("pushed", 8, atomic=True),                       # tasks the parent has pushed (ever)
+    Field("replaced", 8, atomic=True),                     # workers replaced after dying
+], align=CACHE_LINE)
+
+PO_EPOCH = SEG_HEADER + POOL["epoch"]
+PO_WAKE = SEG_HEADER + POOL["wake"]
+PO_SLEEPERS = SEG_HEADER + POOL["sleepers"]
+PO_SHUTDOWN = SEG_HEADER + POOL["shutdown"]
+PO_PUSHED = SEG_HEADER + POOL["pushed"]
+PO_REPLACED = SEG_HEADER + POOL["replaced"]
+PO_END = SEG_HEADER + POOL.size
+
+POOL_RUN = 0
+POOL_DRAIN = 1        # close(): finish what is queued, then exit
+POOL_STOP = 2         # terminate(): exit now
+
+WORKER = Layout("worker", [
+    # WS_*: written by the worker itself, except WS_DEAD (the parent, once
+    # the process is reaped, before it starts the replacement).
+    Field("state", 8, atomic=True),
+    Field("pid", 8, atomic=True),
+    Field("start", 8, atomic=True),      # the process's start time, for liveness (gc)
+    Field("current", 8, atomic=True),    # the task it last took (-1: none): names a lost task
+    Field("done", 8, atomic=True),       # tasks run (relaxed, owner-only)
+    Field("steals", 8, atomic=True),     # tasks taken from other deques (relaxed, owner-only)
+], size=CACHE_LINE)
+WK_STATE = WORKER["state"]
+WK_PID = WORKER["pid"]
+WK_START = WORKER["start"]
+WK_CURRENT = WORKER["current"]
+WK_DONE = WORKER["done"]
+WK_STEALS = WORKER["steals"]
+WK_SIZE = WORKER.size
+
+WS_IDLE = 0           # holds no task and will claim none before turning BUSY
+WS_BUSY = 1
+WS_DEAD = 2           # reaped by the parent: holds nothing any more
+WS_EXITED = 3
+
+ARENA_ALIGN = 64      # payload records are 64-byte aligned; a task names its record by offset >> 6
+CHUNK = Layout("chunk", [
+    Field("id", 8),       # the chunk's serial (never reused within a pool)
+    Field("nbytes", 8),   # payload bytes that follow
+    Field("flags", 8),    # CHUNK_SEGMENT: the payload is the name of a segment holding it
+], size=32)
+CK_ID = CHUNK["id"]
+CK_NBYTES = CHUNK["nbytes"]
+CK_FLAGS = CHUNK["flags"]
+CK_DATA = CHUNK.size
+CHUNK_SEGMENT = 1
+
+
+def pool_layout(workers: int, dcap: int, icap: int, arena: int) -> dict:
+    """Offsets and total size of a KIND_POOL segment (deque sizes from kernels.deque.words)."""
+    from .deque import words
+    table = _round_up(PO_END, CACHE_LINE)
+    injector = _round_up(table + workers * WK_SIZE, CACHE_LINE)
+    deques = _round_up(injector + 8 * words(icap), CACHE_LINE)
+    dq_bytes = _round_up(8 * words(dcap), CACHE_LINE)
+    arena_off = _round_up(deques + workers * dq_bytes, 4096)
+    return {"table": table, "injector": injector, "deques": deques, "dq_bytes": dq_bytes,
+            "arena": arena_off, "size": arena_off + _round_up(arena, 4096)}

@@ -17,7 +17,8 @@ from .queues import JoinableQueue, Queue, SimpleQueue
 from ._select import select, select_async
 from .errors import (AccessDenied, BrokenBarrier, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
                      IncompatibleSegment, MessageTooLarge, OutOfSharedMemory, SegmentError,
-                     SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind)
+                     SegmentExists, SegmentNotFound, SelectTimeout, ShmError, TooManyParticipants, WrongKind,
+                     WorkerLost, BrokenPool)
 from .errors import Lagged
 from .errors import BackendUnavailable
 
@@ -32,6 +33,9 @@ _BROADCAST = ("broadcast", "BroadcastSender", "BroadcastReceiver", "watch", "Wat
               "OneshotSender", "OneshotReceiver")
 
 
+_POOL = ("Pool", "join", "AsyncResult")
+
+
 def __getattr__(name):
     if name == "connect":
         from ._connect import connect   # shm.connect(url): the same API on shared memory or Redis
@@ -44,6 +48,9 @@ def __getattr__(name):
     if name in ("SharedDict", "DictStats"):
         from . import dict as _dict
         return getattr(_dict, name)
+    if name in _POOL:
+        from . import pool as _pool      # the pool's kernels load on first use
+        return getattr(_pool, name)
     if name in _SYNC:
         from . import sync as _sync      # the primitives' kernels load on first use too
         return getattr(_sync, name)
@@ -56,5 +63,5 @@ __all__ = [*_SYNC, "BrokenBarrier",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",
     "CorruptSegment", "WrongKind", "OutOfSharedMemory", "TooManyParticipants", "AccessDenied",
     "connect", "BackendUnavailable",
-    "select", "select_async", "SelectTimeout", "Lagged", *_BROADCAST,
+    "select", "select_async", "SelectTimeout", "Lagged", *_BROADCAST, *_POOL, "WorkerLost", "BrokenPool",
 ]

@@ -189,6 +189,10 @@ def describe(name: str) -> dict | None:
                         slot=p[L.PC_SLOT], published=int(seg.w[L.BC_TAIL >> 3]),
                         waiting=reg.waiting_count(0), reaped=int(seg.w[L.BC_REAPED >> 3]),
                         recovered=int(seg.w[L.BC_RECOVERED >> 3]))
+        elif seg.kind == L.KIND_POOL:
+            info["participants"] = _pool_workers(seg)
+            info.update(workers=seg.params[L.PP_WORKERS], pushed=int(seg.w[L.PO_PUSHED >> 3]),
+                        replaced=int(seg.w[L.PO_REPLACED >> 3]))
         elif seg.kind == L.KIND_SYNC:
             parts, reg = _participants(seg)
             info["participants"] = parts
@@ -336,13 +340,32 @@ def top(interval: float = 1.0, count: int | None = None, as_json: bool = False, 
 
 
 # Kinds with a participant table (the others are derived segments of one of these).
-_STRUCTURES = (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC, L.KIND_BROADCAST)
+_STRUCTURES = (L.KIND_CHANNEL, L.KIND_DICT, L.KIND_SYNC, L.KIND_BROADCAST, L.KIND_POOL)
+
+
+def _pool_workers(seg: Segment) -> list[dict]:
+    """A pool's worker table (shm/pool.py): slot, pid, state, and whether that process is alive."""
+    out = []
+    table = seg.params[L.PP_TABLE]
+    names = {L.WS_IDLE: "idle", L.WS_BUSY: "busy", L.WS_DEAD: "dead", L.WS_EXITED: "exited"}
+    for i in range(min(int(seg.params[L.PP_WORKERS]), L.MAX_PARTICIPANTS)):
+        base = (table + i * L.WK_SIZE) >> 3
+        state = int(seg.w[base + (L.WK_STATE >> 3)])
+        pid = int(seg.w[base + (L.WK_PID >> 3)])
+        start = int(seg.w[base + (L.WK_START >> 3)])
+        alive = pid > 0 and state in (L.WS_IDLE, L.WS_BUSY) and _liveness.alive(pid, start)
+        out.append({"index": i, "pid": pid, "alive": alive, "state": names.get(state, "?"),
+                    "done": int(seg.w[base + (L.WK_DONE >> 3)])})
+    return out
 
 
 def _dead_structure(seg: Segment) -> bool:
     """No participant alive, no token in transit from a live process, no live creator mid-init."""
     if seg.kind not in _STRUCTURES:
         return False
+    if seg.kind == L.KIND_POOL:          # a pool lives as long as its parent (its creator) or a worker
+        cpid, cstart = seg.creator
+        return not _liveness.alive(cpid, cstart) and not any(w["alive"] for w in _pool_workers(seg))
     parts, reg = _participants(seg)
     if any(p["alive"] for p in parts) or reg.live_tokens():
         return False

@@ -290,6 +290,11 @@ class _Rx:
 class _Chan:
     """This process's state for one channel (shared by its handles)."""
 
+    # Park at once when empty, without the spin phase: for a receiver that
+    # shares 2 cores with its senders (shm.Pool's result collector), where
+    # spinning takes the CPU the senders need.
+    no_spin = False
+
     def __init__(self, ctrl: Segment):
         self.ctrl = ctrl
         self.name = ctrl.name
@@ -1162,7 +1167,8 @@ class _Chan:
                             continue
                         raise Empty(f"channel {self.name!r} is empty")
                     r = _wait.block(lambda: self._pop_attempt(st), lambda s: self.park(L.ROLE_RX, s),
-                                    deadline, self.check_peers, spin=lambda: self._pop_spin(st))
+                                    deadline, self.check_peers,
+                                    spin=None if self.no_spin else (lambda: self._pop_spin(st)))
                     if r is _wait.TIMED_OUT:
                         raise Empty(f"nothing arrived on channel {self.name!r} before the timeout")
                     continue

@@ -69,13 +69,24 @@ def block(attempt, park, deadline, tick, spin=None):
         r = spin()
         if r is not WOULD_BLOCK:
             return r
-    next_tick = time.monotonic() + PEER_CHECK
+    # Peer checks are spaced across calls, not only within one: a caller
+    # that polls with short timeouts (shm.Pool's collector, a select loop)
+    # must still reap dead peers every PEER_CHECK seconds. The time of the
+    # last check lives on the object ``tick`` is a method of, when it is one.
+    owner = getattr(tick, "__self__", None)
+    now = time.monotonic()
+    last = getattr(owner, "_last_tick", None)
+    if last is None:
+        last = now
+        _note_tick(owner, now)
+    next_tick = last + PEER_CHECK
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             return TIMED_OUT
         if now >= next_tick:
             tick()
+            _note_tick(owner, now)
             next_tick = now + PEER_CHECK
             r = attempt()
             if r is not WOULD_BLOCK:
@@ -87,3 +98,11 @@ def block(attempt, park, deadline, tick, spin=None):
         r = attempt()
         if r is not WOULD_BLOCK:
             return r
+
+
+def _note_tick(owner, now: float) -> None:
+    if owner is not None:
+        try:
+            owner._last_tick = now
+        except AttributeError:      # an object with __slots__: per-call spacing only
+            pass

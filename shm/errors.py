@@ -138,3 +138,30 @@ class Lagged(ShmError):
     def __init__(self, skipped: int):
         super().__init__(f"this subscriber fell behind: {skipped} message(s) were overwritten before it read them")
         self.skipped = skipped
+
+
+class WorkerLost(ShmError):
+    """``shm.Pool``: the worker process running (or holding) this task died; the pool replaced it.
+
+    ``worker`` is the worker's slot, ``pid`` its process id, ``signal`` the
+    signal that killed it (or None) and ``exitcode`` its exit status as
+    ``multiprocessing`` reports it (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, *, worker: int = -1, pid: int = 0, exitcode: int | None = None):
+        super().__init__(message)
+        self.worker = worker
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = -exitcode if exitcode is not None and exitcode < 0 else None
+
+    def __reduce__(self):
+        return (_rebuild_worker_lost, (self.args[0], self.worker, self.pid, self.exitcode))
+
+
+def _rebuild_worker_lost(message, worker, pid, exitcode):
+    return WorkerLost(message, worker=worker, pid=pid, exitcode=exitcode)
+
+
+class BrokenPool(ShmError, RuntimeError):
+    """``shm.Pool`` cannot run tasks: its workers fail to start (the initializer raised), or it was terminated."""

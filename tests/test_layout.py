@@ -16,7 +16,8 @@ LINE = L.CACHE_LINE
 
 def test_the_layouts_we_expect_are_declared():
     assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT",
-                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC", "BROADCAST", "BSLOT"}
+                            "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC", "BROADCAST", "BSLOT",
+                            "POOL", "WORKER", "CHUNK"}
     assert LINE == 128 and L.WORD == 8
 
 
@@ -267,3 +268,30 @@ def test_broadcast_layout():
         assert lay["slots"] % LINE == 0 and lay["size"] - lay["slots"] == cap * slot
         assert lay["slots"] >= lay["tokens"] + L.MAX_TOKENS * L.TK_SIZE
     assert L.KIND_NAMES[L.KIND_BROADCAST] == "broadcast" and len(set(L.KIND_NAMES)) == len(L.KIND_NAMES)
+
+
+def test_pool_layout():
+    from kernels import deque as DQ
+    from kernels import pool as KP
+    assert L.WORKER.size == L.WK_SIZE == LINE                # one worker per cache line
+    assert L.CHUNK.size == L.CK_DATA and L.CK_DATA % 8 == 0
+    for f in ("epoch", "wake", "sleepers"):
+        assert L.POOL.fields[f].hot
+    assert L.PO_EPOCH == L.SEG_HEADER + L.POOL["epoch"] and L.PO_END == L.SEG_HEADER + L.POOL.size
+    for workers in (1, 2, 3, 64, L.MAX_PARTICIPANTS):
+        for dcap, icap in ((2, 2), (128, 1 << 16)):
+            lay = L.pool_layout(workers, dcap, icap, 1 << 20)
+            # header | control | worker table | injector | worker deques | arena, in order, disjoint, aligned.
+            assert L.PO_END <= lay["table"] and lay["table"] % LINE == 0
+            assert lay["table"] + workers * L.WK_SIZE <= lay["injector"] and lay["injector"] % LINE == 0
+            assert lay["injector"] + 8 * DQ.words(icap) <= lay["deques"] and lay["deques"] % LINE == 0
+            assert lay["dq_bytes"] >= 8 * DQ.words(dcap) and lay["dq_bytes"] % LINE == 0
+            assert lay["deques"] + workers * lay["dq_bytes"] <= lay["arena"] and lay["arena"] % 4096 == 0
+            assert lay["size"] - lay["arena"] >= 1 << 20
+            # The deque's top and bottom each own a line at every deque.
+            for i in range(min(workers, 4)):
+                d = lay["deques"] + i * lay["dq_bytes"]
+                assert (d + 8 * DQ.TOP) % LINE == 0 and (d + 8 * DQ.BOTTOM) % LINE == 0
+    # A run's fields fit an int64 and an arena record offset fits above them.
+    assert KP.REC_SHIFT == 32 and KP.START_SHIFT == 16 and KP.COUNT_MASK == 0xFFFF
+    assert L.ARENA_ALIGN == 64
