@@ -139,6 +139,30 @@ def test_killed_last_sender_disconnects_blocked_receiver():
     rx.close()
 
 
+def test_receiver_polling_with_short_timeouts_still_reaps_dead_senders():
+    """Peer checks are spaced across calls: recv(timeout=0.05) in a loop reaps a SIGKILLed sender.
+
+    (Each call used to start its own PEER_CHECK clock, so a loop of short
+    waits never checked, and messages queued behind a slot the dead sender
+    had claimed stayed stuck: found by shm.Pool's result collector.)
+    """
+    tx, rx = shm.bounded(4)
+    child = FORK.Process(target=_sender_then_sleep, args=(tx.name,))
+    child.start()
+    assert rx.recv(timeout=30) == "hello"
+    tx.close()
+    assert _kill(child)
+    deadline = time.monotonic() + 30
+    with pytest.raises(shm.Disconnected):
+        while time.monotonic() < deadline:
+            try:
+                rx.recv(timeout=0.05)
+            except shm.Empty:
+                pass
+    assert rx.stats().reaped >= 1
+    rx.close()
+
+
 def _sender_then_sleep(name):
     tx = shm.Sender.open(name)
     tx.send("hello")
