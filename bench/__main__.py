@@ -11,10 +11,11 @@ import os
 import sys
 import time
 
-from . import aio, channels, dicts, sync
+from . import aio, channels, dicts, pool, sync
+from . import redis as redis_group
 from .common import log
 
-GROUPS = {"channels": channels, "dicts": dicts, "sync": sync, "aio": aio}
+GROUPS = {"channels": channels, "dicts": dicts, "sync": sync, "aio": aio, "pool": pool, "redis": redis_group}
 DEFAULT_REPS = 5
 DEFAULT_SECONDS = 1.0
 

@@ -105,6 +105,28 @@ def redis_module():
     return _redis
 
 
+def _no_script():
+    return redis_module().exceptions.NoScriptError
+
+
+def _auth_errors():
+    exc = redis_module().exceptions
+    return (exc.AuthenticationError, exc.AuthenticationWrongNumberOfArgsError)
+
+
+_RETRYABLE = None
+
+
+def _retryable():
+    """The errors a retry may cure (not authentication: AuthenticationError is a ConnectionError)."""
+    global _RETRYABLE
+    if _RETRYABLE is None:
+        exc = redis_module().exceptions
+        _RETRYABLE = (exc.ConnectionError, exc.TimeoutError, exc.BusyLoadingError, exc.TryAgainError,
+                      exc.ReadOnlyError)
+    return _RETRYABLE
+
+
 def display_url(url: str) -> str:
     """``url`` without its password (for messages and reprs)."""
     try:
@@ -135,12 +157,22 @@ local function now()
 end
 local function once(ops, field, seq, fn)
   local prev = redis.call('HGET', ops, field)
-  if prev then
+  if prev and string.byte(prev, 1) ~= 0 then
     local p = cmsgpack.unpack(prev)
-    if p[1] == seq then return p[2] end
+    if type(p) == 'table' and p[1] == seq then return p[2] end
   end
   local r = fn()
   redis.call('HSET', ops, field, cmsgpack.pack({seq, r}))
+  return r
+end
+-- once() for a number or string reply, kept as text (cheaper than cmsgpack on the hot
+-- paths): a replay returns it as a string. A false reply is not kept.
+local function once_s(ops, field, seq, fn)
+  local tag = '\0' .. seq .. ' '
+  local prev = redis.call('HGET', ops, field)
+  if prev and string.sub(prev, 1, #tag) == tag then return string.sub(prev, #tag + 1) end
+  local r = fn()
+  if r then redis.call('HSET', ops, field, tag .. r) end
   return r
 end
 local SUFFIXES = {':q', ':tx', ':rx', ':p', ':h', ':ops'}
@@ -246,6 +278,19 @@ class Backend:
             self._scripts[src] = s
         return s
 
+    def eval(self, src: str, keys: list, args: list, what: str, on_retry=None):
+        """Run the script ``src`` (EVALSHA; loaded again after a server restart), with ``run``'s retries."""
+        s = self.script(src)
+        cmd = ["EVALSHA", s.sha, len(keys), *keys, *args]
+
+        def go(c):
+            try:
+                return c.execute_command(*cmd)
+            except _no_script():
+                s.sha = cmd[1] = c.script_load(s.script)
+                return c.execute_command(*cmd)
+        return self.run(go, what=what, on_retry=on_retry)
+
     # -- retries ---------------------------------------------------------------
     def run(self, fn, *args, what: str = "the operation", on_retry=None):
         """``fn(client, *args)``, retried with backoff while the server cannot be reached.
@@ -253,32 +298,34 @@ class Backend:
         ``fn`` must be safe to repeat (idempotent, or a ``once`` script with
         the same sequence number). ``on_retry()`` is called before each retry.
         """
-        r = redis_module()
-        exc = r.exceptions
-        start = None
+        try:
+            return fn(self.client(), *args)       # the fast path: no loop, no bookkeeping
+        except BaseException as e:
+            if not isinstance(e, _retryable()):
+                raise
+            err = e
+        start = time.monotonic()
         delay = 0.02
         while True:
+            if isinstance(err, _auth_errors()):
+                raise AccessDenied(f"Redis at {self.shown} refused our credentials ({err}): check the user "
+                                   "and password in the URL (redis://user:password@host:port/db)") from None
+            t = time.monotonic()
+            if t - start >= self.retry_for:
+                raise BackendUnavailable(
+                    f"Redis at {self.shown} could not be reached for {t - start:.1f} s while doing "
+                    f"{what} (last error: {type(err).__name__}: {err}). Nothing acknowledged was lost; the "
+                    "operation may not have been applied and can be called again once the server is back: "
+                    "check that redis-server is running and reachable, or give it longer with "
+                    "shm.connect(url, retry_for=SECONDS)") from None
+            time.sleep(min(delay, max(0.0, self.retry_for - (t - start))))
+            delay = min(delay * 2, 1.0)
+            if on_retry is not None:
+                on_retry()
             try:
                 return fn(self.client(), *args)
-            except (exc.AuthenticationError, exc.AuthenticationWrongNumberOfArgsError) as e:
-                raise AccessDenied(f"Redis at {self.shown} refused our credentials ({e}): check the user "
-                                   "and password in the URL (redis://user:password@host:port/db)") from None
-            except (exc.ConnectionError, exc.TimeoutError, exc.BusyLoadingError, exc.TryAgainError,
-                    exc.ReadOnlyError) as e:
-                t = time.monotonic()
-                if start is None:
-                    start = t
-                if t - start >= self.retry_for:
-                    raise BackendUnavailable(
-                        f"Redis at {self.shown} could not be reached for {t - start:.1f} s while doing "
-                        f"{what} (last error: {type(e).__name__}: {e}). Nothing acknowledged was lost; the "
-                        "operation may not have been applied and can be called again once the server is back: "
-                        "check that redis-server is running and reachable, or give it longer with "
-                        "shm.connect(url, retry_for=SECONDS)") from None
-                time.sleep(min(delay, max(0.0, self.retry_for - (t - start))))
-                delay = min(delay * 2, 1.0)
-                if on_retry is not None:
-                    on_retry()
+            except _retryable() as e:
+                err = e
 
     # -- leases ----------------------------------------------------------------
     def attach(self, kind: str, meta_key: str, zset: str, member: str, name: str):

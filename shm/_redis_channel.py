@@ -91,7 +91,7 @@ return 1
 
 # KEYS: rx, q, ops; ARGV: field, seq, capacity, kind1, data1, ... -> messages added (-1: no receiver)
 SEND = """
-return once(KEYS[3], ARGV[1], ARGV[2], function()
+return once_s(KEYS[3], ARGV[1], ARGV[2], function()
   if redis.call('ZCOUNT', KEYS[1], now(), '+inf') == 0 then return -1 end
   local n = (#ARGV - 3) / 2
   local cap = tonumber(ARGV[3])
@@ -143,9 +143,9 @@ end
 return {0}
 """
 
-# KEYS: q, ops; ARGV: field, seq, consumer, id... -> 1 (all were ours) or the ids that were
+# KEYS: q, ops; ARGV: field, seq, consumer, id... -> '*' (all were ours) or the ids that were, space-separated
 ACK = """
-return once(KEYS[2], ARGV[1], ARGV[2], function()
+return once_s(KEYS[2], ARGV[1], ARGV[2], function()
   local mine = {}
   for i = 4, #ARGV do
     if #redis.call('XPENDING', KEYS[1], 'g', ARGV[i], ARGV[i], 1, ARGV[3]) > 0 then mine[#mine + 1] = ARGV[i] end
@@ -154,8 +154,8 @@ return once(KEYS[2], ARGV[1], ARGV[2], function()
     redis.call('XACK', KEYS[1], 'g', unpack(mine))
     redis.call('XDEL', KEYS[1], unpack(mine))
   end
-  if #mine == #ARGV - 3 then return 1 end
-  return mine
+  if #mine == #ARGV - 3 then return '*' end
+  return table.concat(mine, ' ')
 end)
 """
 
@@ -231,6 +231,8 @@ class _RedisHandle(HandleBase):
         self._set_meta(meta)
         self._init_handle(cls._nsref, name, member, registered)
         self._keys_all = [self._base, self._base + ":tx", self._base + ":rx", self._base + ":q", self._ops]
+        self._send_keys = [self._base + ":rx", self._base + ":q", self._ops]
+        self._send_cap = self._cap if self._flavor == "bounded" else 0
         return self
 
     def _set_meta(self, meta):
@@ -391,12 +393,8 @@ class RedisSender(_RedisHandle):
         """Add the (field, data) pairs in ``flat``, as many as fit; return how many (Disconnected if no receiver)."""
         if not self._registered:
             self._register()
-        b = self._b
-        s = b.script(SEND)
         field, seq = self._op()
-        keys = [self._base + ":rx", self._base + ":q", self._ops]
-        args = [field, seq, self._cap if self._flavor == "bounded" else 0, *flat]
-        n = b.run(lambda c: s(keys=keys, args=args, client=c), what=what)
+        n = int(self._b.eval(SEND, self._send_keys, [field, seq, self._send_cap, *flat], what))
         if n < 0:
             raise Disconnected(f"every receiver of channel {self._name!r} is gone")
         return n
@@ -501,15 +499,13 @@ class RedisReceiver(_RedisHandle):
 
     def _poll(self, count: int, mode: str):
         b = self._b
-        s = b.script(POLL)
         now = time.monotonic()
         claim = mode == ">" and now >= self._next_claim
         if claim:
             self._next_claim = now + CLAIM_EVERY
         k = self._keys_all
         args = [self._member, count, mode, 1 if claim else 0, int(b.opts["claim_after"] * 1000)]
-        return b.run(lambda c: s(keys=[k[3], k[1], k[2], k[0]], args=args, client=c),
-                     what="a receive", on_retry=self._lost_reply)
+        return b.eval(POLL, [k[3], k[1], k[2], k[0]], args, "a receive", on_retry=self._lost_reply)
 
     def _lost_reply(self):
         self._recheck = True
@@ -526,13 +522,10 @@ class RedisReceiver(_RedisHandle):
                     err = e
                 out.append(_BAD)
             ids.append(mid)
-        b = self._b
-        s = b.script(ACK)
         field, seq = self._op()
-        args = [field, seq, self._member, *ids]
-        r = b.run(lambda c: s(keys=[self._base + ":q", self._ops], args=args, client=c), what="an acknowledgement")
-        if r != 1:
-            mine = set(r)
+        r = self._b.eval(ACK, [self._base + ":q", self._ops], [field, seq, self._member, *ids], "an acknowledgement")
+        if r != b"*":
+            mine = set(r.split())
             out = [v for v, m in zip(out, ids) if m in mine]
         if err is not None:
             good = [v for v in out if v is not _BAD]

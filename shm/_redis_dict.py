@@ -116,6 +116,17 @@ return once(KEYS[2], ARGV[1], ARGV[2], function()
 end)
 """
 
+# The common case on its own: an int delta, default 0. KEYS: h, ops; ARGV: op field, seq, key, delta
+# -> the new value (as text) | false: not an int there (or past int64): INCR does the rest
+INCR_INT = """
+return once_s(KEYS[2], ARGV[1], ARGV[2], function()
+  local r = redis.pcall('HINCRBY', KEYS[1], ARGV[3], ARGV[4])
+  if type(r) == 'table' then return false end
+  if r > -9007199254740992 and r < 9007199254740992 then return string.format('%d', r) end
+  return redis.call('HGET', KEYS[1], ARGV[3])
+end)
+"""
+
 # KEYS: h, ops; ARGV: op field, seq, key, expected ('' = absent), flag ('1': expected given), new -> 1/0
 CAS = """
 return once(KEYS[2], ARGV[1], ARGV[2], function()
@@ -151,7 +162,7 @@ end)
 
 # KEYS: h, ops; ARGV: op field, seq, key -> 1 if it was there
 DEL = """
-return once(KEYS[2], ARGV[1], ARGV[2], function()
+return once_s(KEYS[2], ARGV[1], ARGV[2], function()
   return redis.call('HDEL', KEYS[1], ARGV[3])
 end)
 """
@@ -297,8 +308,7 @@ class RedisDict(MutableMapping):
         return self._b.run(fn, what=what)
 
     def _script(self, src, keys, args, what):
-        s = self._b.script(src)
-        return self._b.run(lambda c: s(keys=keys, args=args, client=c), what=what)
+        return self._b.eval(src, keys, args, what)
 
     def _once(self, src, args, what):
         field, seq = self._h._op()
@@ -344,7 +354,7 @@ class RedisDict(MutableMapping):
 
     def __delitem__(self, key):
         self._check()
-        if not self._once(DEL, [encode_key(key)], "a delete"):
+        if not int(self._once(DEL, [encode_key(key)], "a delete")):
             raise KeyError(key)
 
     def set_many(self, mapping) -> None:
@@ -390,6 +400,10 @@ class RedisDict(MutableMapping):
         self._check()
         kb = encode_key(key)
         td = type(delta)
+        if td is int and default == 0 and type(default) is int and _I64_MIN <= delta <= _I64_MAX:
+            r = self._once(INCR_INT, [kb, delta], "an incr")
+            if r is not None:
+                return int(r)
         if (td is int and _I64_MIN <= delta <= _I64_MAX or td is float) and type(default) in (int, float) and \
                 (type(default) is float or _I64_MIN <= default <= _I64_MAX):
             r = self._once(INCR, [kb, repr(delta) if td is float else str(delta), "1" if td is float else "0",
