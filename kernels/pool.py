@@ -28,8 +28,9 @@ to ~100 us of work from the tasks' measured duration). A worker that split
 a run or holds two or more while others sleep wakes one of them, so work
 spreads (rayon's "tickle").
 
-*Going idle* (``idle_park``): the worker first spins for ``SPIN_NS``
-looking at the deques (yielding the CPU between looks), then stores ``WS_IDLE``, increments
+*Going idle* (``spin``, then ``idle_park``): the worker first looks at
+the deques for ``SPIN_NS`` (yielding the CPU between looks), then sends its
+results, then ``idle_park`` stores ``WS_IDLE``, increments
 ``sleepers`` (seq_cst RMW), reads the ``wake`` word, then looks at every
 deque once more; only if all are empty does it ``futex_wait`` on ``wake``.
 Whoever makes work visible (the parent after pushing, a worker after
@@ -78,7 +79,7 @@ from .memory import i64_at
 from .syscalls import futex_wait, futex_wake, monotonic_ns, sched_yield
 from ._jit import jit
 
-__all__ = ["take", "settle", "idle_park", "push", "quiet", "wake_all", "lengths", "STEAL_MAX",
+__all__ = ["take", "settle", "spin", "idle_park", "push", "SPIN_NS", "quiet", "wake_all", "lengths", "STEAL_MAX",
            "REC_SHIFT", "START_SHIFT", "COUNT_MASK", "MAX_RUN"]
 
 SPIN_NS = 50_000      # an idle worker looks for work this long before it parks
@@ -184,6 +185,8 @@ def take(c, me, r, leaf):
         if moved == 0:
             A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
             return -1
+        if moved >= 2:
+            _wake(w, 1)
         st, task = DQ.pop(w, mine, dcap)
         if st != DQ.OK:                          # stolen back from us already: try again later
             A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
@@ -200,7 +203,7 @@ def take(c, me, r, leaf):
             break
         count = half
         split = True
-    if split or DQ.length(w, mine) >= 2:
+    if split:
         _wake(w, 1)                              # stealable work while others sleep: one comes to help
     task = _item(rec, start, count)
     A.store(w, _wk(w, me, L.WK_CURRENT), task, "relaxed")
@@ -232,13 +235,6 @@ def idle_park(c, me, timeout_ns):
     (and bumps ``epoch``) before returning, either way.
     """
     w = _seg(c)
-    # Spin first (still BUSY, holding nothing): a parent submitting task
-    # after task then finds a worker awake and makes no wake-up system call.
-    t_end = monotonic_ns() + SPIN_NS
-    while monotonic_ns() < t_end:
-        if _any_work(w):
-            return 0
-        sched_yield()
     A.store(w, _wk(w, me, L.WK_STATE), L.WS_IDLE, "seq_cst")
     A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
     A.fetch_add(w, _SLEEPERS, 1, "seq_cst")
@@ -254,13 +250,38 @@ def idle_park(c, me, timeout_ns):
 
 
 @jit("int64(int64, int64)")
+def spin(c, ns):
+    """Look for work for up to ``ns`` nanoseconds, yielding the CPU between looks: 1 if some appeared.
+
+    A worker that ran out of work calls this before it sends its results
+    and parks: a parent submitting task after task then finds it awake (no
+    wake-up system call) and its results go back in batches.
+    """
+    w = _seg(c)
+    t_end = monotonic_ns() + ns
+    while True:
+        if _any_work(w):
+            return 1
+        if monotonic_ns() >= t_end:
+            return 0
+        sched_yield()
+
+
+@jit("int64(int64, int64)")
 def push(c, task):
     """The parent (the injector's owner): push one run of tasks. 1, or 0 when the injector is full."""
     w = _seg(c)
-    if DQ.push(w, _dq(w, -1), w[_P + L.PP_ICAP], task) != DQ.OK:
+    d = _dq(w, -1)
+    before = DQ.length(w, d)
+    if DQ.push(w, d, w[_P + L.PP_ICAP], task) != DQ.OK:
         return 0
     A.fetch_add(w, _PUSHED, task & COUNT_MASK, "relaxed")
-    _wake(w, 1)
+    # Wake a sleeper only while fewer runs wait than workers sleep: runs that
+    # pile up behind a wake-up already sent need no system call of their own
+    # (the woken worker steals half of what is there, and wakes the next).
+    A.fence("seq_cst")
+    if before < A.load(w, _SLEEPERS, "seq_cst"):
+        _wake(w, 1)
     return 1
 
 

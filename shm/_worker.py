@@ -45,6 +45,7 @@ FLUSH_COUNT = 64               # result records (a LIST record holds a whole run
 LEAF_SECONDS = 300e-6          # a worker takes runs of about this much work
 MAX_LEAF = 1024
 FLUSH_SECONDS = 0.002            # ...or this long since the last send (every result, when tasks are slower)
+SPIN_NS = int(os.environ.get("SHM_POOL_SPIN_NS", K.SPIN_NS))   # (an experiment knob; see kernels/pool.py)
 PARK_NS = 100_000_000        # an idle worker looks at its parent at least this often
 _CACHE = 64                  # decoded chunks kept
 
@@ -292,7 +293,11 @@ class Worker:
                     self.flush()
                     return
                 continue
-            self.flush()
+            if shutdown[0] == L.POOL_RUN and K.spin(c, SPIN_NS):
+                if self.buf and clock() - self.last_flush > FLUSH_SECONDS:
+                    self.flush()
+                continue                # more work came while we looked: results keep batching
+            self.flush()                # always before going idle (kernels/pool.py: quiescence)
             if shutdown[0] != L.POOL_RUN or self.parent_gone():
                 return
             K.idle_park(c, me, PARK_NS)

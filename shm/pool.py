@@ -62,6 +62,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -84,6 +85,7 @@ _DCAP = 128                      # a worker's deque: it holds at most one stolen
 _ICAP = 1 << 16                  # the injector
 _MAX_CHUNK = 8192                # tasks per chunk (a run names its tasks in 16 bits)
 _ONES = b"\x01" * _MAX_CHUNK
+_CHUNK_HEADER = struct.Struct("<qqq")   # kernels/layout.py CHUNK: id, nbytes, flags
 _ARENA_DEFAULT = 8 << 20
 _ARENA_MIN = 256 << 10
 _POLL = 0.05                     # the collector looks at worker processes this often
@@ -763,10 +765,7 @@ class Pool:
                         ch.seg = None
                     return                          # wait for results to free space
                 rec = self._arena_off + region[0]
-                w = seg.w
-                w[(rec + L.CK_ID) >> 3] = ch.cid
-                w[(rec + L.CK_NBYTES) >> 3] = len(payload)
-                w[(rec + L.CK_FLAGS) >> 3] = flags
+                _CHUNK_HEADER.pack_into(seg.mm, rec, ch.cid, len(payload), flags)
                 seg.mm[rec + L.CK_DATA: rec + L.CK_DATA + len(payload)] = payload
                 ch.region = region
                 ch.first = (region[0] >> 6) << K.REC_SHIFT
@@ -1075,6 +1074,12 @@ class Pool:
             for a in self._arrays:
                 unlink_name(a.name)
             self._arrays = []
+            try:
+                # The workers are gone: the result channel is ours alone, whatever
+                # handles killed workers lent or left registered (unlink it whole).
+                self._rx._chan().unlink()
+            except Exception:
+                pass
             try:
                 self._tx.close()
                 self._rx.close()
