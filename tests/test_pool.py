@@ -354,3 +354,18 @@ def _alive(pid):
             return f.read().split(")")[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_inspect_shows_the_pool_and_gc_leaves_a_live_one_alone(pool):
+    from shm import _admin
+    a = pool.array(100)
+    r = pool.map_async(W.sleep_then, range(20), chunksize=1)
+    info = _admin.describe(pool._seg.name)
+    assert info["kind"] == "pool" and info["workers"] == 2
+    assert sum(p["alive"] for p in info["participants"]) == 2
+    assert {p["pid"] for p in info["participants"]} == {w["pid"] for w in pool.stats()["workers"]}
+    before = set(os.listdir("/dev/shm"))
+    assert not set(_admin.gc()) & before            # nothing of a live pool is collected
+    assert r.get(60) == list(range(20))
+    a[:] = 1
+    assert pool.for_each_chunk(a, W.chunk_sum, chunks=2) == [50.0, 50.0]
