@@ -99,13 +99,13 @@ _SHARD_OF_NUM = _entry(H.shard_of_num_at)
 
 
 def _obj_entry(dispatcher):
-    """The compiled entry point of a kernel that takes Python objects (``H.PYSTR``/``H.PYBYTES``) and ints.
+    """The compiled entry point of a kernel whose arguments are ``H.PYSTR``, ``H.PYBYTES`` and ``H.PYINT``.
 
     No dispatcher typing: each argument is converted by its type's unboxer,
     which checks the object's type itself (a wrong one raises TypeError).
     """
     (sig,) = dispatcher.signatures
-    if not all(t in (H.PYSTR, H.PYBYTES) or str(t) == "int64" for t in sig):
+    if not all(t in (H.PYSTR, H.PYBYTES, H.PYINT) for t in sig):
         raise TypeError(f"{dispatcher.__name__}: unexpected signature {sig}")
     return dispatcher.overloads[sig].entry_point
 
@@ -351,6 +351,11 @@ class SharedDict(MutableMapping):
         return f"{family or self._family}s{s:x}g{gen:x}"
 
     def _create_gen(self, family, public, s, gen, nslots, heap) -> str:
+        self._new_gen(family, public, s, gen, nslots, heap).close()
+        return self._gen_name(s, gen, family)
+
+    def _new_gen(self, family, public, s, gen, nslots, heap) -> Segment:
+        """Create shard ``s``'s generation ``gen`` (empty) and return it, mapped."""
         lay = L.shard_layout(nslots, heap)
         params = [0] * 8
         params[L.PS_SHARD] = s
@@ -361,14 +366,12 @@ class SharedDict(MutableMapping):
         params[L.PS_HEAP_SIZE] = lay["size"] - lay["heap"]
         name = self._gen_name(s, gen, family)
         try:
-            seg = Segment.create(L.KIND_SHARD, lay["size"], name=name, family=family, public_name=public,
-                                 params=params)
+            return Segment.create(L.KIND_SHARD, lay["size"], name=name, family=family, public_name=public,
+                                  params=params)
         except SegmentExists:
             unlink_name(name)       # left half-made by a process that died; we hold the lock
-            seg = Segment.create(L.KIND_SHARD, lay["size"], name=name, family=family, public_name=public,
-                                 params=params)
-        seg.close()
-        return name
+            return Segment.create(L.KIND_SHARD, lay["size"], name=name, family=family, public_name=public,
+                                  params=params)
 
     def _table_gen(self, s: int) -> int:
         return W.load(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GEN) >> 3)
@@ -390,20 +393,25 @@ class SharedDict(MutableMapping):
                     or p[L.PS_HEAP] != lay["heap"] or lay["size"] > seg.size):
                 seg.close()
                 raise CorruptSegment(f"SharedDict {self._name!r}: shard {s} has inconsistent parameters")
-            x = H.X_SHARDS + s * H.X_STRIDE
-            d = self._d
-            d[x + H.S_ADDR] = seg.addr
-            d[x + H.S_SIZE] = seg.size
-            d[x + H.S_GEN] = gen
-            d[x + H.S_NSLOTS] = nslots
-            d[x + H.S_INDEX] = p[L.PS_INDEX]
-            d[x + H.S_HEAP] = p[L.PS_HEAP]
-            d[x + H.S_HEAP_SIZE] = heap_size
-            old, self._segs[s] = self._segs[s], seg
-            if old is not None:
-                old.close()     # every kernel call holds the GIL: none is using it now
+            self._install(s, seg, gen)
             return
         raise CorruptSegment(f"SharedDict {self._name!r}: shard {s} keeps moving")
+
+    def _install(self, s: int, seg: Segment, gen: int) -> None:
+        """Point the descriptor at ``seg``, shard ``s``'s generation ``gen`` (validated or made by us)."""
+        p = seg.params
+        x = H.X_SHARDS + s * H.X_STRIDE
+        d = self._d
+        d[x + H.S_ADDR] = seg.addr
+        d[x + H.S_SIZE] = seg.size
+        d[x + H.S_GEN] = gen
+        d[x + H.S_NSLOTS] = p[L.PS_NSLOTS]
+        d[x + H.S_INDEX] = p[L.PS_INDEX]
+        d[x + H.S_HEAP] = p[L.PS_HEAP]
+        d[x + H.S_HEAP_SIZE] = p[L.PS_HEAP_SIZE]
+        old, self._segs[s] = self._segs[s], seg
+        if old is not None:
+            old.close()     # every kernel call holds the GIL: none is using it now
 
     def _refresh(self, s: int) -> None:
         """The mapped generation of ``s`` was replaced: follow it (waiting out a compaction)."""
@@ -590,7 +598,9 @@ class SharedDict(MutableMapping):
         gen = old_gen + 1
         while True:
             try:
-                name = self._create_gen(self._family, self._name, s, gen, nslots, heap)
+                # Kept mapped: the copy faults its pages in once, and this very
+                # mapping becomes the shard's (no second attach, no second set of faults).
+                seg = self._new_gen(self._family, self._name, s, gen, nslots, heap)
             except OutOfSharedMemory:
                 # /dev/shm is short: the headroom is an optimisation, the data is not.
                 tight = max(MIN_HEAP, -(-(live + extra + 2 * L.RECORD_HEADER) // 4096) * 4096)
@@ -598,17 +608,19 @@ class SharedDict(MutableMapping):
                     raise
                 heap = tight
                 continue
-            seg = Segment.attach(name, kind=L.KIND_SHARD)
+            name = seg.name
             p = seg.params
             try:
                 r = _COMPACT(self._daddr, s, seg.addr, seg.size, nslots, p[L.PS_INDEX], p[L.PS_HEAP],
                              p[L.PS_HEAP_SIZE])
                 used = int(seg.w[L.SH_BUMP >> 3])
-            finally:
+            except BaseException:
                 seg.close()
+                raise
             # Room for what the caller is about to write, and an index at most half full.
             if r >= 0 and used + extra <= p[L.PS_HEAP_SIZE] and 2 * (r + 1) <= nslots:
                 break
+            seg.close()
             unlink_name(name)            # too small (the counters were stale): bigger, again
             nslots *= 2
             heap *= 2
@@ -618,11 +630,15 @@ class SharedDict(MutableMapping):
         # nothing. The other order has a window: killed between the two
         # stores, we would leave the old generation looking current to every
         # process that maps it, and their lock-free reads stale for good.
-        _PUBLISH(self._daddr, s, gen)      # both stores in one kernel call
+        try:
+            _PUBLISH(self._daddr, s, gen)      # both stores in one kernel call
+        except BaseException:
+            seg.close()
+            raise
+        self._install(s, seg, gen)             # the published generation, as mapped for the copy
         unlink_name(self._gen_name(s, old_gen))
         W.fetch_add(self._ctrl.w, (self._table + s * L.SE_SIZE + L.SE_GROWTHS) >> 3, 1)
         W.fetch_add(self._ctrl.w, L.DC_GROWTHS >> 3, 1)
-        self._map(s)
 
     def _locked(self, s: int, freeze: bool = False):
         return _ShardLock(self, s, freeze)

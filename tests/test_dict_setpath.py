@@ -100,9 +100,21 @@ def test_wrong_objects_raise_instead_of_reaching_the_kernel(d):
         D._PUT_STR_BYTES(d._daddr, "k", "not bytes", L.VK_STR)
     with pytest.raises(OverflowError):
         D._PUT_STR_I64(d._daddr, "k", 2**64)
+    with pytest.raises(OverflowError):
+        D._PUT_STR_I64(d._daddr, "k", -2**63 - 1)
+    with pytest.raises(TypeError):
+        D._PUT_STR_I64(d._daddr, "k", 1.5)
+    with pytest.raises(TypeError):
+        D._PUT_STR_I64(float(d._daddr), "k", 1)
     with pytest.raises(UnicodeEncodeError):
         D._PUT_STR_STR(d._daddr, "\ud800", "v")
     assert len(d) == 0
+
+
+def test_int64_edges_through_the_int_kernel(d):
+    for v in (-1, 0, 2**31, 2**32 + 5, 2**62, 2**63 - 1, -2**63, -2**31 - 7):
+        assert D._PUT_STR_I64(d._daddr, "e", v) >= 0
+        assert d["e"] == v and type(d["e"]) is int
 
 
 def test_unencodable_values_and_numeric_mode_still_refuse(d):
