@@ -81,7 +81,7 @@ class _Raised:
 def _picklable_error(exc: BaseException):
     wrapped = _Raised(exc)
     try:
-        pickle.dumps(wrapped, protocol=5)
+        pickle.loads(pickle.dumps(wrapped, protocol=5))     # both ways: a custom __init__ can fail to load
         return wrapped
     except Exception:
         return _Raised(RuntimeError(f"{type(exc).__name__}: {exc} (the exception itself could not be pickled)"))
@@ -244,11 +244,16 @@ class Worker:
         if not self.buf:
             return
         buf, self.buf = self.buf, []
+        # Two layers: what the records are (always loadable), then their values,
+        # so a value the parent cannot unpickle fails its own tasks, not the batch.
+        meta = [(cid, idx, code, len(v) if code == LIST else 1) for cid, idx, code, v in buf]
         try:
-            data = pickle.dumps(buf, protocol=5)
+            values = pickle.dumps([r[3] for r in buf], protocol=5)
         except Exception:
-            data = pickle.dumps([self._one(r) for r in buf], protocol=5)
-        self.results.send(data)
+            buf = [self._one(r) for r in buf]
+            meta = [(cid, idx, code, len(v) if code == LIST else 1) for cid, idx, code, v in buf]
+            values = pickle.dumps([r[3] for r in buf], protocol=5)
+        self.results.send(pickle.dumps((meta, values), protocol=5))
         self.last_flush = time.perf_counter()
 
     @staticmethod
@@ -323,7 +328,8 @@ def main(pool_name: str, slot: int, results, parent_pid: int, initializer, inita
             initializer(*initargs)
         except BaseException as e:
             _set_state(w.seg, slot, L.WS_EXITED)
-            results.send(pickle.dumps([(-1, slot, ERR, _picklable_error(e))], protocol=5))
+            results.send(pickle.dumps(([(-1, slot, ERR, 1)], pickle.dumps([_picklable_error(e)], protocol=5)),
+                                      protocol=5))
             results.close()
             w.seg.close()
             sys.exit(3)

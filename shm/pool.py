@@ -414,6 +414,10 @@ class _Chunk:
         self.first = 0
 
 
+def _pages(n: int) -> int:
+    return -(-n // 4096) * 4096
+
+
 def _describe_exit(code) -> str:
     if code is None:
         return "died"
@@ -589,7 +593,7 @@ class Pool:
                 raise
             with self._lock:
                 for m in msgs:
-                    self._dispatch(pickle.loads(m))
+                    self._dispatch(m)
                 now = time.monotonic()
                 if now >= next_check or not msgs:
                     next_check = now + _POLL
@@ -604,9 +608,22 @@ class Pool:
                 if self._state == TERMINATE or (self._state == CLOSE and self._outstanding == 0 and self._joining):
                     return
 
-    def _dispatch(self, records) -> None:
+    def _dispatch(self, message: bytes) -> None:
+        meta, blob = pickle.loads(message)
+        try:
+            values = pickle.loads(blob)
+        except Exception as e:          # e.g. a class the worker has and this process cannot import
+            err = TypeError(f"a worker's results could not be unpickled in the caller: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            failed = []                 # every task the message covered fails with ``err``
+            for cid, idx, code, n in meta:
+                if code in (_worker.PARTIAL, _worker.PARTIAL_ERR):
+                    failed.append((cid, idx, _worker.PARTIAL_ERR, 1))
+                else:
+                    failed.extend((cid, idx + k, _worker.ERR, 1) for k in range(n))
+            meta, values = failed, [err] * len(failed)
         chunks = self._chunks
-        for cid, idx, code, value in records:
+        for (cid, idx, code, _n), value in zip(meta, values):
             if cid == -1:           # a worker's initializer raised
                 self._break(BrokenPool(f"a worker's initializer raised {type(value).__name__}: {value}; "
                                        "the pool cannot start workers"), cause=value)
@@ -658,7 +675,7 @@ class Pool:
             except Empty:
                 break
             for m in msgs:
-                self._dispatch(pickle.loads(m))
+                self._dispatch(m)
         if len(self._rx):
             # Messages queued behind a slot a dead worker claimed and never
             # filled: reap it (the channel then skips the slot) and look again later.
@@ -754,7 +771,12 @@ class Pool:
                 payload = ch.payload
                 flags = 0
                 if len(payload) > arena.size // 4:
-                    name = self._payload_segment(payload)
+                    try:
+                        name = self._payload_segment(payload)
+                    except Exception as e:      # e.g. OutOfSharedMemory: this chunk fails, the pool goes on
+                        self._pending.popleft()
+                        self._fail_chunk(ch, e)
+                        continue
                     ch.seg = name
                     payload = name.encode("ascii")
                     flags = L.CHUNK_SEGMENT
@@ -776,8 +798,20 @@ class Pool:
             self._seq += 1
             ch.seq = self._seq
 
+    def _fail_chunk(self, ch: _Chunk, error: BaseException) -> None:
+        """Every task of a chunk that could not be queued fails with ``error`` (lock held)."""
+        if ch.got is None:
+            ch.job.fail(ch.left, error)
+        else:
+            for i in range(ch.n):
+                if not ch.got[i]:
+                    ch.got[i] = 1
+                    ch.job.task(ch.base + i, False, error)
+        ch.left = 0
+        self._finish(ch)
+
     def _payload_segment(self, payload: bytes) -> str:
-        seg = Segment.create(L.KIND_BLOB, L.BLOB_DATA + len(payload), family=self._seg.family,
+        seg = Segment.create(L.KIND_BLOB, _pages(L.BLOB_DATA + len(payload)), family=self._seg.family,
                              params=(0, 0, 0, len(payload)))
         try:
             seg.mm[L.BLOB_DATA:L.BLOB_DATA + len(payload)] = payload
@@ -924,7 +958,7 @@ class Pool:
         dt = np.dtype(dtype)
         shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        seg = Segment.create(L.KIND_BLOB, L.BLOB_DATA + max(nbytes, 1), family=self._seg.family,
+        seg = Segment.create(L.KIND_BLOB, _pages(L.BLOB_DATA + nbytes), family=self._seg.family,
                              params=(0, 0, 0, nbytes))
         self._arrays.append(seg)
         return np.frombuffer(seg.mm, dtype=dt, count=int(np.prod(shape, dtype=np.int64)),

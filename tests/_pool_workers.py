@@ -88,3 +88,35 @@ def read_init(_x=None):
 
 def init_raises():
     raise RuntimeError("initializer says no")
+
+
+class NeedsArgs(Exception):
+    """An exception whose __init__ takes two arguments: pickles, but fails to unpickle (a classic)."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}-{b}")
+
+
+def raise_needs_args(_x=None):
+    raise NeedsArgs(1, 2)
+
+
+class _Unloadable:
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse():
+    raise RuntimeError("this object cannot be rebuilt here")
+
+
+def unloadable_result(_x=None):
+    return _Unloadable()
+
+
+def big_bytes(n):
+    return b"x" * n
+
+
+def length(b):
+    return len(b)

@@ -369,3 +369,53 @@ def test_inspect_shows_the_pool_and_gc_leaves_a_live_one_alone(pool):
     assert r.get(60) == list(range(20))
     a[:] = 1
     assert pool.for_each_chunk(a, W.chunk_sum, chunks=2) == [50.0, 50.0]
+
+
+def test_results_and_errors_that_cannot_be_unpickled_fail_only_their_tasks(pool):
+    e = pool.submit(W.raise_needs_args).exception(30)
+    assert isinstance(e, RuntimeError) and "NeedsArgs" in str(e)       # its repr, since it cannot travel
+    with pytest.raises(TypeError, match="could not be unpickled"):
+        pool.apply(W.unloadable_result)
+    futs = [pool.submit(W.square, i) for i in range(20)]
+    assert [f.result(30) for f in futs] == [i * i for i in range(20)]
+
+
+def test_large_arguments_and_results(pool):
+    blob = os.urandom(5 << 20)                      # larger than a quarter of the arena: its own segment
+    assert pool.apply(W.length, (blob,)) == len(blob)
+    assert pool.map(W.length, [blob[:1 << 20]] * 12, chunksize=1) == [1 << 20] * 12
+    assert len(pool.apply(W.big_bytes, (3 << 20,))) == 3 << 20
+
+
+POOL_FULL_CHILD = r'''
+import os, sys, multiprocessing as mp
+sys.path.insert(0, "tests")
+import shm, _pool_workers as W
+from shm.errors import OutOfSharedMemory
+assert os.listdir("/dev/shm") == []
+with shm.Pool(2, context=mp.get_context("fork")) as p:
+    assert p.map(W.square, range(100)) == [x * x for x in range(100)]
+    f = p.submit(W.length, b"z" * (5 << 20))          # its own payload segment: no room for it
+    e = f.exception(60)
+    assert isinstance(e, OutOfSharedMemory) and "--shm-size" in str(e), repr(e)
+    try:
+        p.array(1 << 20)                               # 8 MiB
+        raise SystemExit("an 8 MiB array fitted in 3 MiB")
+    except OutOfSharedMemory:
+        pass
+    assert p.map(W.square, range(100)) == [x * x for x in range(100)]
+assert os.listdir("/dev/shm") == [], os.listdir("/dev/shm")
+print("ok")
+'''
+
+
+def test_pool_in_a_full_dev_shm():
+    import subprocess
+    import sys
+    from test_full_shm import ROOT, _can_mount
+    if not _can_mount():
+        pytest.skip("needs root and unshare to mount a small private /dev/shm")
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs -o size=3m tmpfs /dev/shm && exec "$0" -c "$1"', sys.executable,
+                        POOL_FULL_CHILD], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
