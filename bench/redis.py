@@ -447,9 +447,16 @@ def write_markdown(path, cases, verdicts, info, opts, wall):
                      f"{fmt_rate(row['max'])}) | {row['us_per_op']:.1f} | {vs} |"
                      + (f" {row['lost']} |" if case.kind == "incr" else ""))
     L += ["", "## Notes", "",
-          "- Per call, both Redis peers pay one loopback round trip through redis-py (~25-50 µs on this VM), "
-          "which is the whole cost: shared memory is two to three orders of magnitude faster, and that is the "
-          "price of leaving the machine.",
+          "- Per call, both Redis peers pay a loopback round trip through redis-py (50-150 µs on this shared "
+          "VM, more while other sessions load it: see the load averages below), which is nearly the whole "
+          "cost: shared memory is two to three orders of magnitude faster, and that is the price of leaving "
+          "the machine.",
+          "- `incr` is the one case where the backend's extra work shows: each increment is a script (the "
+          "`HINCRBY`, plus recording its reply under a per-thread sequence number so that a retry after a "
+          "dropped connection is not counted twice), about 8 µs of server time against 1.5 µs for a bare "
+          "`HINCRBY`, and nine arguments for redis-py to pack instead of four. One process alone measures "
+          "about 1.2x a bare `HINCRBY`; two processes and the server on two cores, about 1.6x. A hand-written "
+          "`HINCRBY` retried after a lost reply counts twice.",
           "- What the backend adds to a hand-written client: a send is one `EVALSHA` instead of an `XADD` (the "
           "script checks that a receiver holds a live lease, the capacity, and stores its reply for a retry "
           "after a dropped connection: `once` in `shm/_redis.py`); a receive is a script that reads "

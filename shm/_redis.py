@@ -278,8 +278,9 @@ class Backend:
             self._scripts[src] = s
         return s
 
-    def eval(self, src: str, keys: list, args: list, what: str, on_retry=None):
-        """Run the script ``src`` (EVALSHA; loaded again after a server restart), with ``run``'s retries."""
+    def eval(self, src: str, keys: list, args: list, what: str, on_retry=None, retry: bool = True):
+        """Run the script ``src`` (EVALSHA; loaded again after a server restart), with ``run``'s retries
+        (``retry=False``: one attempt, for closing, which must not hold up an exit while the server is down)."""
         s = self.script(src)
         cmd = ["EVALSHA", s.sha, len(keys), *keys, *args]
 
@@ -289,6 +290,8 @@ class Backend:
             except _no_script():
                 s.sha = cmd[1] = c.script_load(s.script)
                 return c.execute_command(*cmd)
+        if not retry:
+            return go(self.client())
         return self.run(go, what=what, on_retry=on_retry)
 
     # -- retries ---------------------------------------------------------------

@@ -269,12 +269,11 @@ class _RedisHandle(HandleBase):
         b.drop(self)
         if not self._registered:
             return
-        s = b.script(CLOSE)
         args = [b.lease_ms, "2" if self._role == "tx" else "3", self._member, *self._fields.values()]
         try:
-            b.run(lambda c: s(keys=self._keys_all, args=args, client=c), what=f"closing {self._name!r}")
+            b.eval(CLOSE, self._keys_all, args, "closing", retry=False)
         except Exception:
-            pass        # the lease expires by itself
+            pass        # the server is unreachable: the lease expires by itself
 
     @property
     def closed(self) -> bool:

@@ -628,13 +628,11 @@ class _Lease(HandleBase):
         b.drop(self)
         if not self._registered:
             return
-        s = b.script(CLOSE)
         keys = [self._base, self._base + ":p", self._base + ":h", self._ops]
         try:
-            b.run(lambda c: s(keys=keys, args=[b.lease_ms, self._member, *self._fields.values()], client=c),
-                  what=f"closing {self._name!r}")
+            b.eval(CLOSE, keys, [b.lease_ms, self._member, *self._fields.values()], "closing", retry=False)
         except Exception:
-            pass
+            pass        # the server is unreachable: the lease expires by itself
 
 
 def _rebuild(url, opts, name, codec, member):
