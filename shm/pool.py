@@ -1060,6 +1060,8 @@ class Pool:
 
     def terminate(self) -> None:
         """Stop the workers now; tasks not finished fail with ``BrokenPool``."""
+        if os.getpid() != self._owner:
+            return          # a forked child's copy: its lock may have been held at the fork
         with self._lock:
             if self._state == TERMINATE and self._seg is None:
                 return

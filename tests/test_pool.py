@@ -419,3 +419,20 @@ def test_pool_in_a_full_dev_shm():
                         'mount -t tmpfs -o size=3m tmpfs /dev/shm && exec "$0" -c "$1"', sys.executable,
                         POOL_FULL_CHILD], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "ok", f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+
+
+def test_a_forked_child_cannot_use_the_pool_and_exits_cleanly(pool):
+    pool.map(W.square, range(10))
+    pid = os.fork()
+    if pid == 0:                                    # the child: refuses, and its exit touches nothing
+        code = 0
+        try:
+            pool.submit(W.square, 1)
+            code = 1
+        except RuntimeError as e:
+            code = 0 if "another process" in str(e) else 2
+        pool.terminate()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.map(W.square, range(10)) == [x * x for x in range(10)]
