@@ -83,6 +83,31 @@ def noop(x):
     return x
 
 
+# A probe for "where shm.Pool's time goes": the worker's result flush (pickle + channel send), timed in
+# the worker by wrapping ``shm._worker.Worker.flush`` (run only in a separate, unmeasured pool).
+_FLUSH = {"n": 0, "cpu": 0.0, "wall": 0.0}
+
+
+def _probe_install():
+    from shm import _worker
+    orig = _worker.Worker.flush
+
+    def flush(self):
+        had = bool(getattr(self, "buf", None) or getattr(self, "partials", None))
+        c, w = time.thread_time(), now()
+        orig(self)
+        if had:
+            _FLUSH["n"] += 1
+            _FLUSH["cpu"] += time.thread_time() - c
+            _FLUSH["wall"] += now() - w
+    _worker.Worker.flush = flush
+
+
+def _probe_stats(_):
+    time.sleep(0.02)
+    return os.getpid(), dict(_FLUSH)
+
+
 SMALL = {"s1": (spin_1us, 1e-6), "s10": (spin_10us, 10e-6), "s100": (spin_100us, 100e-6)}
 
 
@@ -581,6 +606,54 @@ def run_serial(cases, opts, src) -> None:
             case.serial.append(now() - t)
 
 
+def probe_flushes(cases, opts) -> list[dict]:
+    """shm.Pool's result flushes on the small-task map/imap runs, in a separate pool (not the measured one)."""
+    import shm
+    out = []
+    try:
+        pool = shm.Pool(WORKERS, initializer=_probe_install)
+    except Exception as e:
+        log(f"  flush probe unavailable: {type(e).__name__}: {e}")
+        return out
+
+    def snapshot():
+        seen = {}
+        for _ in range(6):
+            seen.update(dict(pool.map(_probe_stats, range(4 * WORKERS), chunksize=1)))
+            if len(seen) >= WORKERS:
+                break
+        return seen
+    try:
+        pool.map(noop, list(range(64)))
+        pids = [p.pid for p in getattr(pool, "_procs", []) if p is not None]
+        for key in [k for k in ("s1", "s10") if k in cases]:
+            fn = SMALL[key][0]
+            n = int((200_000 if key == "s1" else 40_000) * opts.seconds)
+            for ep in ("map", "imap"):
+                for _ in range(2):
+                    before = snapshot()
+                    c0 = sum(_proc_cpu(p) for p in pids)
+                    t0 = now()
+                    if ep == "map":
+                        pool.map(fn, range(n))
+                    else:
+                        for _x in pool.imap(fn, range(n)):
+                            pass
+                    wall = now() - t0
+                    wcpu = sum(_proc_cpu(p) for p in pids) - c0
+                    after = snapshot()
+                    d = {f: sum(after[p][f] - before.get(p, {f: 0})[f] for p in after) for f in ("n", "cpu", "wall")}
+                    if d["n"] and wcpu > 0:
+                        out.append({"case": key, "entry": ep, "tasks": n, "seconds": wall, "flushes": d["n"],
+                                    "flush_cpu_us": d["cpu"] / d["n"] * 1e6, "flush_wall_us": d["wall"] / d["n"] * 1e6,
+                                    "flush_share": d["cpu"] / wcpu, "worker_cpu_us_per_task": wcpu / n * 1e6})
+    except Exception as e:
+        log(f"  flush probe failed: {type(e).__name__}: {e}")
+    finally:
+        pool.terminate()
+    return out
+
+
 # --------------------------------------------------------------------------
 # Summaries, targets, report.
 
@@ -684,7 +757,7 @@ def _b(x) -> str:
     return f"{x:.0f} B"
 
 
-def write_markdown(path, cons, cases, summ, verdicts, starts, unavailable, info, opts, reps, wall):
+def write_markdown(path, cons, cases, summ, verdicts, starts, unavailable, info, opts, reps, wall, probe=()):
     L = ["# shm.Pool vs multiprocessing.Pool, ProcessPoolExecutor, loky, mpire", "",
          f"`python -m bench pool`{' --quick' if opts.quick else ''}: {WORKERS} workers each, {reps} round(s); "
          "each round starts every pool, then runs each case and entry point on every contender back to back "
@@ -788,6 +861,22 @@ def write_markdown(path, cons, cases, summ, verdicts, starts, unavailable, info,
                 name = f"**{c.name}**" if c is cons[0] else c.name
                 L.append(f"| {ep} | {name} | {d['caller_us']:.1f} | {d['threads_us']:.1f} | {d['workers_us']:.1f} | "
                          f"{tot:.1f} | {fmt_rate(2e6 / tot)}/s |")
+    if probe:
+        L += ["", "## Where shm.Pool's workers spend CPU besides the tasks: result flushes", "",
+              "A separate shm.Pool (not the one measured above; same code, with `Worker.flush` wrapped to time "
+              "it) runs the small-task `map` and `imap` twice each, one after the other. A flush pickles the "
+              "results a worker has buffered (up to 64 records or 2 ms) and sends them through the pool's "
+              "result channel; a batch larger than a channel slot (224 B) travels out of band in a per-slot "
+              "blob segment. Rows are in the order they ran on that one pool: the channel creates a blob "
+              "segment the first time each of its slots (256 in its first generation) carries a large batch, "
+              "or when a batch outgrows its slot's blob, so the later rows show the warm cost and the first "
+              "ones what a fresh pool (as in the tables above, one per round) pays.", "",
+              "| case | entry point | tasks | flushes | CPU per flush | wall per flush | share of worker CPU | "
+              "worker CPU per task |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in probe:
+            L.append(f"| {r['case']} | {r['entry']} | {r['tasks']} | {r['flushes']} | {r['flush_cpu_us']:.0f} µs | "
+                     f"{r['flush_wall_us']:.0f} µs | {r['flush_share']:.0%} | {r['worker_cpu_us_per_task']:.2f} µs "
+                     f"(task {median(cases[r['case']].serial) * 1e6:.2f}) |")
     L += ["", "## Notes", ""] + NOTES
     L += ["", "## Machine", "", "| | |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in info.items()]
@@ -917,18 +1006,20 @@ def main(opts) -> int:
                 run_round(rnd, live, cases, sizes, src, expect)
             finally:
                 stop_all(live, watch)
+        probe = probe_flushes(cases, opts) if "shm.Pool" not in unavailable else []
     run_info(info, GATE, load)
     summ = summarize(cases)
     verdicts = judge(cases, summ)
     wall = time.monotonic() - t_start
     md = os.path.join(out_dir, "pool.md")
-    write_markdown(md, cons, cases, summ, verdicts, starts, unavailable, info, opts, reps, wall)
+    write_markdown(md, cons, cases, summ, verdicts, starts, unavailable, info, opts, reps, wall, probe)
     try:
         write_chart(os.path.join(out_dir, "pool.png"), cases, summ)
     except Exception as e:
         log(f"chart failed: {type(e).__name__}: {e}")
     with open(os.path.join(out_dir, "pool.json"), "w") as f:
         json.dump({"machine": info, "verdicts": verdicts, "starts": starts, "unavailable": unavailable,
+                   "shm_flush_probe": probe,
                    "summary": {"|".join(k): v for k, v in summ.items()},
                    "cases": {k: {"title": c.title, "serial_seconds": c.serial,
                                  "samples": {"|".join(kk): vv for kk, vv in c.samples.items()}}
