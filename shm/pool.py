@@ -88,6 +88,7 @@ _ONES = b"\x01" * _MAX_CHUNK
 _CHUNK_HEADER = struct.Struct("<qqq")   # kernels/layout.py CHUNK: id, nbytes, flags
 _ARENA_DEFAULT = 8 << 20
 _ARENA_MIN = 256 << 10
+_RESULT_SLOT = 16 << 10          # the result channel's inline slot (generation 0: 256 of them, 4 MiB)
 _POLL = 0.05                     # the collector looks at worker processes this often
 
 RUN, CLOSE, TERMINATE = 0, 1, 2
@@ -515,7 +516,9 @@ class Pool:
         self._arrays: list[Segment] = []
         self._owner = os.getpid()
         try:
-            self._tx, self._rx = unbounded(codec="bytes")
+            # Result batches are a few KiB: inline slots that hold them, so a flush is
+            # one copy, not a blob segment created, mapped and replaced (bench/results/pool.md).
+            self._tx, self._rx = unbounded(codec="bytes", slot_size=_RESULT_SLOT)
             self._rx._chan().no_spin = True     # the collector shares the CPUs with the workers
         except BaseException:
             self._seg.close()
