@@ -415,6 +415,14 @@ class _Chunk:
         self.first = 0
 
 
+def _result_slot() -> int:
+    """16 KiB, or less on a small /dev/shm (the channel's first generation takes 256 slots, 1/8 of what is free)."""
+    free = shm_free_bytes()
+    if free is None or free >= 256 * _RESULT_SLOT * 8:
+        return _RESULT_SLOT
+    return max(256, 1 << max(8, (free // 8 // 256).bit_length() - 1))
+
+
 def _pages(n: int) -> int:
     return -(-n // 4096) * 4096
 
@@ -518,7 +526,7 @@ class Pool:
         try:
             # Result batches are a few KiB: inline slots that hold them, so a flush is
             # one copy, not a blob segment created, mapped and replaced (bench/results/pool.md).
-            self._tx, self._rx = unbounded(codec="bytes", slot_size=_RESULT_SLOT)
+            self._tx, self._rx = unbounded(codec="bytes", slot_size=_result_slot())
             self._rx._chan().no_spin = True     # the collector shares the CPUs with the workers
         except BaseException:
             self._seg.close()
