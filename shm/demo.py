@@ -6,7 +6,9 @@ shm channels, then over ``multiprocessing.Queue`` (with sentinels, since
 queues have no disconnection), and the demo prints what each did and how
 fast. Messages are dict-shaped Python objects, as a real pipeline's are.
 Then worker processes share counters and state through a ``SharedDict``,
-and the same through a ``Manager().dict()`` (``shm/_demo_dict.py``).
+and the same through a ``Manager().dict()`` (``shm/_demo_dict.py``); then
+small tasks go through ``shm.Pool`` and ``multiprocessing.Pool``
+(``shm/_demo_pool.py``).
 """
 from __future__ import annotations
 
@@ -176,9 +178,11 @@ def main(argv=None) -> int:
     print("  sent or received each record once; nothing went through a pipe or a manager process.")
     from . import _demo_dict
     dict_ok = _demo_dict.main(n)
+    from . import _demo_pool
+    pool_ok = _demo_pool.main()
     left = [x for x in os.listdir("/dev/shm") if x.startswith("shm_")] if os.path.isdir("/dev/shm") else []
     print(f"\n  shared memory left behind: {len(left)} segments")
-    return 0 if all(ok for _, _, ok in rows) and dict_ok else 1
+    return 0 if all(ok for _, _, ok in rows) and dict_ok and pool_ok else 1
 
 
 if __name__ == "__main__":
