@@ -82,7 +82,7 @@ import time
 import urllib.parse
 import weakref
 
-from .errors import AccessDenied, BackendUnavailable, ShmError
+from .errors import AccessDenied, BackendUnavailable
 
 __all__ = ["Backend", "RedisNamespace", "redis_module", "display_url"]
 
@@ -701,4 +701,4 @@ def check_opts(opts: dict) -> dict:
     return out
 
 
-__all__ += ["HandleBase", "close_all", "namespace", "check_opts", "new_member", "ShmError"]
+__all__ += ["HandleBase", "close_all", "namespace", "check_opts", "new_member"]

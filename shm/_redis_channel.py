@@ -62,7 +62,7 @@ import queue
 import threading
 import time
 
-from ._redis import HandleBase, new_member
+from ._redis import HandleBase, _no_script, new_member
 from .channel import ChannelStats, _deadline
 from .codec import get_codec
 from .errors import Closed, DecodeError, Disconnected, Empty, Full, SegmentExists
@@ -104,7 +104,8 @@ return once_s(KEYS[3], ARGV[1], ARGV[2], function()
 end)
 """
 
-# KEYS: q, tx, rx, meta; ARGV: consumer, count, '>' or '0', claim (0/1), claim_after_ms
+# KEYS: q, tx, rx, meta; ARGV: consumer, count, '>' (new entries) or '0>' (our pending ones first),
+# claim (0/1), claim_after_ms
 # -> {1, id, field, value, ...} | {0} nothing now | {-1} disconnected | {-2} channel gone
 POLL = """
 local q = KEYS[1]
@@ -116,10 +117,16 @@ local function take(entries)
     end
   end
 end
-local r = redis.pcall('XREADGROUP', 'GROUP', 'g', ARGV[1], 'COUNT', ARGV[2], 'STREAMS', q, ARGV[3])
+if ARGV[3] == '0>' then     -- first what a read whose reply was lost left pending with us, in order
+  local r = redis.pcall('XREADGROUP', 'GROUP', 'g', ARGV[1], 'COUNT', ARGV[2], 'STREAMS', q, '0')
+  if type(r) == 'table' and r.err then return {-2} end
+  if r then take(r[1][2]) end
+  if #out > 1 then return out end
+end
+local r = redis.pcall('XREADGROUP', 'GROUP', 'g', ARGV[1], 'COUNT', ARGV[2], 'STREAMS', q, '>')
 if type(r) == 'table' and r.err then return {-2} end
 if r then take(r[1][2]) end
-if #out > 1 or ARGV[3] == '0' then return out end
+if #out > 1 then return out end
 local t = now()
 if ARGV[4] == '1' then
   local ids = {}
@@ -496,15 +503,33 @@ class RedisReceiver(_RedisHandle):
                 pass
         return c.decode(kind, data)
 
-    def _poll(self, count: int, mode: str):
+    def _poll(self, count: int):
+        """One read script: new entries, or (after a lost reply) our pending ones first, claims, peers."""
         b = self._b
         now = time.monotonic()
-        claim = mode == ">" and now >= self._next_claim
+        claim = now >= self._next_claim
         if claim:
             self._next_claim = now + CLAIM_EVERY
         k = self._keys_all
-        args = [self._member, count, mode, 1 if claim else 0, int(b.opts["claim_after"] * 1000)]
-        return b.eval(POLL, [k[3], k[1], k[2], k[0]], args, "a receive", on_retry=self._lost_reply)
+        s = b.script(POLL)
+        head = [s.sha, 4, k[3], k[1], k[2], k[0], self._member, count]
+        tail = [1 if claim else 0, int(b.opts["claim_after"] * 1000)]
+
+        def go(c):
+            # The mode is chosen at each attempt: a retry after a lost reply reads
+            # what that read delivered first, so nothing is skipped or reordered.
+            recheck = self._recheck
+            cmd = ["EVALSHA", *head, "0>" if recheck else ">", *tail]
+            try:
+                r = c.execute_command(*cmd)
+            except _no_script():
+                head[0] = s.sha = c.script_load(s.script)
+                cmd[1] = s.sha
+                r = c.execute_command(*cmd)
+            if recheck:
+                self._recheck = False
+            return r
+        return b.run(go, what="a receive", on_retry=self._lost_reply)
 
     def _lost_reply(self):
         self._recheck = True
@@ -541,14 +566,7 @@ class RedisReceiver(_RedisHandle):
         deadline = _deadline(timeout) if blocking else None
         q = self._base + ":q"
         while True:
-            if self._recheck:       # a read whose reply was lost: those entries are pending with us
-                r = self._poll(count, "0")
-                self._recheck = False
-                if len(r) > 1:
-                    got = self._finish(r[1:])
-                    if got:
-                        return got
-            r = self._poll(count, ">")
+            r = self._poll(count)
             code = r[0]
             if code == 1:
                 got = self._finish(r[1:])
@@ -565,7 +583,9 @@ class RedisReceiver(_RedisHandle):
                 raise Empty(f"nothing arrived on channel {self._name!r} before the timeout")
             ms = max(1, int(left * 1000))
             try:
-                res = self._b.run(lambda c: c.xreadgroup("g", self._member, {q: ">"}, count=count, block=ms),
+                # After a lost reply, no new read: the loop's poll reads what it delivered first.
+                res = self._b.run(lambda c: None if self._recheck else
+                                  c.xreadgroup("g", self._member, {q: ">"}, count=count, block=ms),
                                   what="a receive", on_retry=self._lost_reply)
             except Exception as e:
                 from ._redis import redis_module

@@ -214,7 +214,7 @@ def test_a_claimed_message_is_not_returned_twice(ns):
     tx, rx = ns.bounded(8)
     slow = rx.clone()
     tx.send("once")
-    r = slow._poll(1, ">")              # read, but not yet acknowledged: a stalled receiver
+    r = slow._poll(1)                   # read, but not yet acknowledged: a stalled receiver
     assert r[0] == 1
     c = ns._backend.client()
     c.zrem(slow._zset(), slow._member)  # its lease lapsed (as if it stalled past it)
@@ -289,7 +289,7 @@ def test_retried_operations_are_applied_once(ns, monkeypatch):
 def test_lost_reply_of_a_read_is_read_again(ns):
     tx, rx = ns.unbounded()
     tx.send_many(["x", "y"])
-    r = rx._poll(1, ">")            # the server delivered "x"; pretend the reply never came
+    r = rx._poll(1)                 # the server delivered "x"; pretend the reply never came
     assert r[0] == 1
     rx._recheck = True              # what a connection error in the read sets
     assert rx.recv(timeout=5) == "x" and rx.recv(timeout=5) == "y"
