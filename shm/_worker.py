@@ -40,6 +40,7 @@ MODE_APPLY = 2      # fn(*args, **kwargs), x = (args, kwargs)
 MODE_REDUCE = 3     # fn(x) folded into this worker's partial with extra = reduce
 MODE_FOLD = 4       # acc = fn(acc, x), starting from extra = initial
 MODE_ARRAY = 5      # fn(view[start:stop]), x = (start, stop), extra = the array's descriptor
+MODE_STAGED = 6     # fn(*args, **kwargs), x = pickle.dumps((args, kwargs)): calls coalesced by submit
 
 FLUSH_COUNT = 64               # result records (a LIST record holds a whole run)
 LEAF_SECONDS = 300e-6          # a worker takes runs of about this much work
@@ -175,7 +176,7 @@ class Worker:
             for i in range(start, start + count):
                 buf.append((cid, i, ERR, err))
             return
-        if mode >= MODE_REDUCE and mode != MODE_ARRAY:
+        if mode in (MODE_REDUCE, MODE_FOLD):
             for i in range(start, start + count):
                 self.fold(cid, fn, mode, extra, items[i], i)
             return
@@ -192,6 +193,11 @@ class Worker:
                 elif mode == MODE_STAR:
                     for x in items[i:end]:
                         app(fn(*x))
+                elif mode == MODE_STAGED:
+                    loads = pickle.loads
+                    for x in items[i:end]:
+                        a, k = loads(x)
+                        app(fn(*a, **k))
                 elif mode == MODE_APPLY:
                     for a, k in items[i:end]:
                         app(fn(*a, **k))

@@ -88,6 +88,7 @@ _ONES = b"\x01" * _MAX_CHUNK
 _CHUNK_HEADER = struct.Struct("<qqq")   # kernels/layout.py CHUNK: id, nbytes, flags
 _ARENA_DEFAULT = 8 << 20
 _ARENA_MIN = 256 << 10
+_STAGE_MAX = 256                 # coalesced single calls per chunk
 _RESULT_SLOT = 16 << 10          # the result channel's inline slot (generation 0: 256 of them, 4 MiB)
 _POLL = 0.05                     # the collector looks at worker processes this often
 
@@ -97,29 +98,49 @@ RUN, CLOSE, TERMINATE = 0, 1, 2
 # --------------------------------------------------------------------------
 # Results as callers see them.
 
+_RESULTS_DONE = threading.Condition(threading.Lock())
+
+
 class AsyncResult:
-    """The result of ``apply_async``/``map_async``/``starmap_async``, as ``multiprocessing.pool.AsyncResult``."""
+    """The result of ``apply_async``/``map_async``/``starmap_async``, as ``multiprocessing.pool.AsyncResult``.
+
+    Light on purpose (no lock or event of its own: one module-wide condition
+    is notified as results finish), because a program may hold tens of
+    thousands of them and the garbage collector walks every one.
+    """
+
+    __slots__ = ("_done", "_value", "_error", "_callback", "_error_callback", "_job")
 
     def __init__(self, callback=None, error_callback=None):
-        self._event = threading.Event()
+        self._done = False
         self._value = None
         self._error = None
         self._callback = callback
         self._error_callback = error_callback
+        self._job = None
 
     def ready(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def successful(self) -> bool:
-        if not self.ready():
+        if not self._done:
             raise ValueError(f"{self!r} not ready")
         return self._error is None
 
     def wait(self, timeout=None) -> bool:
-        return self._event.wait(timeout)
+        if self._done:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _RESULTS_DONE:
+            while not self._done:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                _RESULTS_DONE.wait(left)
+        return True
 
     def get(self, timeout=None):
-        if not self._event.wait(timeout):
+        if not self.wait(timeout):
             raise mp.TimeoutError(f"the result was not ready within {timeout} s")
         if self._error is not None:
             raise self._error
@@ -127,7 +148,9 @@ class AsyncResult:
 
     def _finish(self, value, error) -> None:
         self._value, self._error = value, error
-        self._event.set()
+        with _RESULTS_DONE:
+            self._done = True
+            _RESULTS_DONE.notify_all()
         try:
             if error is None and self._callback is not None:
                 self._callback(value)
@@ -138,7 +161,7 @@ class AsyncResult:
             traceback.print_exc()
 
     def __repr__(self):
-        return f"<shm.AsyncResult {'ready' if self.ready() else 'pending'}>"
+        return f"<shm.AsyncResult {'ready' if self._done else 'pending'}>"
 
 
 class _Job:
@@ -199,6 +222,68 @@ class _MapJob(_Job):
             self.result._finish(None, error)
 
 
+class _OneJob(_Job):
+    """``apply_async``: one task, straight into its AsyncResult."""
+    __slots__ = ("result",)
+    total = 1
+
+    def __init__(self, result: AsyncResult):
+        self.result = result
+
+    def task(self, i, ok, value):
+        self.result._finish(value, None) if ok else self.result._finish(None, value)
+
+    def abort(self, error):
+        if not self.result.ready():
+            self.result._finish(None, error)
+
+
+_FUTURES_COND = threading.Condition()
+
+
+class _Future(cf.Future):
+    """A ``concurrent.futures.Future`` whose condition is shared with every other one of ours.
+
+    ``cf.Future`` gives each future its own ``threading.Condition`` (a lock,
+    a deque, a list); with tens of thousands outstanding the garbage
+    collector spends more time walking them than the pool spends on the
+    tasks. Sharing one (reentrant) condition keeps every Future method and
+    ``cf.wait``/``cf.as_completed`` working: they only lock it and notify it,
+    and waiters re-check their own future's state.
+    """
+
+    def __init__(self):     # cf.Future.__init__'s fields, with the shared condition
+        self._condition = _FUTURES_COND
+        self._state = cf._base.RUNNING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+
+    # cf.Future.result/exception wait on the condition once and then judge:
+    # with a shared condition a wake-up may be for another future, so wait
+    # in a loop until this one is done (or the time is up), then ask them.
+    def _wait_done(self, timeout) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._condition:
+            while self._state not in _SETTLED:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._condition.wait(left)
+
+    def result(self, timeout=None):
+        self._wait_done(timeout)
+        return super().result(0)
+
+    def exception(self, timeout=None):
+        self._wait_done(timeout)
+        return super().exception(0)
+
+
+_SETTLED = (cf._base.FINISHED, cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED)
+
+
 class _FutureJob(_Job):
     total = 1
 
@@ -216,6 +301,26 @@ class _FutureJob(_Job):
     def abort(self, error):
         if not self.future.done():
             self.future.set_exception(error)
+
+
+class _StagedJob(_Job):
+    """The jobs of coalesced single calls: task ``i`` of the chunk is call ``i``'s."""
+
+    def __init__(self, jobs):
+        self.jobs = jobs
+        self.total = len(jobs)
+
+    def task(self, i, ok, value):
+        self.jobs[i].task(0, ok, value)
+
+    def tasks(self, start, values):
+        jobs = self.jobs
+        for k, v in enumerate(values):
+            jobs[start + k].task(0, True, v)
+
+    def abort(self, error):
+        for j in self.jobs:
+            j.abort(error)
 
 
 class _ReduceJob(_Job):
@@ -514,6 +619,7 @@ class Pool:
         self._idle = threading.Condition(self._lock)
         self._chunks: dict[int, _Chunk] = {}
         self._pending: collections.deque[_Chunk] = collections.deque()
+        self._stage = None               # (fn, [pickled (args, kwargs)], [job]) of coalesced calls
         self._cids = itertools.count(1)
         self._seq = 0
         self._outstanding = 0
@@ -614,6 +720,8 @@ class Pool:
                         self._audit()
                     elif self._deaths and not self._outstanding:
                         self._deaths.clear()
+                if self._stage is not None:
+                    self._flush_stage()
                 if self._pending:
                     self._push()
                 if self._state == TERMINATE or (self._state == CLOSE and self._outstanding == 0 and self._joining):
@@ -731,6 +839,10 @@ class Pool:
         self._broken = error
         for ch in list(self._chunks.values()):
             ch.job.abort(error)
+        if self._stage is not None:
+            for j in self._stage[2]:
+                j.abort(error)
+            self._stage = None
         self._chunks.clear()
         self._pending.clear()
         self._outstanding = 0
@@ -836,9 +948,56 @@ class Pool:
     def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None) -> AsyncResult:
         """Run ``func(*args, **kwds)`` in a worker; an ``AsyncResult``."""
         res = AsyncResult(callback, error_callback)
-        job = _MapJob(1, res, single=True)
-        self._enqueue(self._make_chunks(job, func, _worker.MODE_APPLY, None, [(tuple(args), dict(kwds or {}))], 1))
+        self._stage_call(func, tuple(args), dict(kwds or {}), _OneJob(res))
         return res
+
+    # Single calls (apply_async, submit) are *coalesced*: while the injector
+    # still holds work for the workers, a call joins a staged chunk instead of
+    # being pushed alone (the workers are busy, so it would only wait there);
+    # the chunk goes out when the injector runs empty at the next call, when
+    # it holds _STAGE_MAX calls, or when the collector next wakes (results
+    # arrive at least every few ms while workers are busy, and always before
+    # one goes idle). Each call is pickled at once, so a bad argument still
+    # raises here.
+    def _stage_call(self, fn, args, kwargs, job) -> None:
+        try:
+            blob = pickle.dumps((args, kwargs), protocol=5)
+        except Exception as e:
+            raise TypeError(f"shm.Pool cannot send this task to a worker: {e}. Tasks are pickled: use "
+                            "picklable arguments.") from e
+        with self._lock:
+            self._check_running()
+            st = self._stage
+            if st is not None and st[0] is not fn:
+                self._flush_stage()
+                st = None
+            if st is None:
+                st = self._stage = (fn, [], [])
+            st[1].append(blob)
+            st[2].append(job)
+            self._outstanding += 1
+            if len(st[1]) >= _STAGE_MAX or K.lengths(self._c, -1) == 0:
+                self._flush_stage()
+
+    def _flush_stage(self) -> None:
+        """Queue the staged calls as one chunk (lock held)."""
+        st, self._stage = self._stage, None
+        if st is None:
+            return
+        fn, blobs, jobs = st
+        job = jobs[0] if len(jobs) == 1 else _StagedJob(jobs)
+        self._outstanding -= len(blobs)
+        try:
+            ch = _Chunk(next(self._cids), job, 0, len(blobs), self._encode(fn, _worker.MODE_STAGED, None, blobs),
+                        False)
+        except TypeError as e:          # fn itself cannot be pickled: each call fails with the reason
+            for j in jobs:
+                j.task(0, False, e)
+            return
+        self._chunks[ch.cid] = ch
+        self._outstanding += ch.n
+        self._pending.append(ch)
+        self._push()
 
     def apply(self, func, args=(), kwds=None):
         """``func(*args, **kwds)`` run in a worker (blocks)."""
@@ -912,10 +1071,8 @@ class Pool:
     # concurrent.futures
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         """Run ``fn(*args, **kwargs)`` in a worker; a ``concurrent.futures.Future``."""
-        fut = cf.Future()
-        fut.set_running_or_notify_cancel()
-        job = _FutureJob(fut)
-        self._enqueue(self._make_chunks(job, fn, _worker.MODE_APPLY, None, [(args, kwargs)], 1))
+        fut = _Future()
+        self._stage_call(fn, args, kwargs, _FutureJob(fut))
         return fut
 
     # ------------------------------------------------------------------

@@ -436,3 +436,29 @@ def test_a_forked_child_cannot_use_the_pool_and_exits_cleanly(pool):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert pool.map(W.square, range(10)) == [x * x for x in range(10)]
+
+
+def test_futures_work_with_every_concurrent_futures_helper(pool):
+    slow = pool.submit(W.sleep_then, "slow", 0.5)
+    fast = [pool.submit(W.square, i) for i in range(50)]
+    with pytest.raises(cf.TimeoutError):
+        slow.result(timeout=0.01)
+    assert not slow.cancel() and slow.running()
+    done, pending = cf.wait(fast, timeout=60, return_when=cf.ALL_COMPLETED)
+    assert len(done) == 50 and not pending
+    seen = []
+    slow.add_done_callback(lambda f: seen.append(f.result()))
+    first = cf.wait([slow] + fast, timeout=60, return_when=cf.FIRST_COMPLETED)[0]
+    assert first
+    assert [f.result() for f in cf.as_completed([slow], timeout=60)] == ["slow"]
+    assert seen == ["slow"] and slow.done()
+    # Many futures outstanding at once, waited on from several threads.
+    futs = [pool.submit(W.square, i) for i in range(3000)]
+    out = {}
+    ths = [threading.Thread(target=lambda k=k: out.__setitem__(k, [f.result(60) for f in futs[k::4]]))
+           for k in range(4)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(60)
+    assert sorted(v for vs in out.values() for v in vs) == sorted(i * i for i in range(3000))
