@@ -462,3 +462,12 @@ def test_futures_work_with_every_concurrent_futures_helper(pool):
     for t in ths:
         t.join(60)
     assert sorted(v for vs in out.values() for v in vs) == sorted(i * i for i in range(3000))
+
+
+def test_forkserver_start_method():
+    with shm.Pool(2, context="forkserver") as p:
+        assert p.map(W.square, range(10)) == [x * x for x in range(10)]
+        with pytest.raises(shm.WorkerLost) as ei:
+            p.apply(W.die_on, (5, 5))
+        assert ei.value.signal == signal.SIGKILL
+        assert p.submit(W.add, 1, 2).result(30) == 3
