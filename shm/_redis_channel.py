@@ -51,6 +51,15 @@ else ``XREADGROUP BLOCK``) and the acknowledgement; ``recv_many(n)`` is the
 same two for up to ``n`` messages. That is what a hand-written consumer
 does (``XREADGROUP`` then ``XACK``): see ``bench/redis.py``.
 
+**asyncio**: ``send_async``/``recv_async`` (and the ``_many`` forms,
+``async for``, ``Queue.put_async``/``get_async``) try on the event loop's
+thread, one round trip each, and ``await asyncio.sleep`` between tries
+(up to 50 ms apart on an empty channel): a cancellation can only land in
+the sleep, so a cancelled ``recv_async`` has taken nothing, as locally. A
+blocking ``XREADGROUP`` in an executor thread was rejected: cancelling the
+awaiting task cannot stop the thread, which would take the message and
+lose it.
+
 Rejected: Redis lists (``LPUSH``/``BRPOP``) lose a message when the
 consumer that popped it dies, and ``BLMOVE`` to a per-consumer list needs a
 reaper for those lists; pub/sub delivers to every subscriber and drops
@@ -58,6 +67,7 @@ messages for a disconnected one.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -70,6 +80,7 @@ from .segment import check_name, new_name
 
 __all__ = ["RedisSender", "RedisReceiver", "RedisQueue", "make_channel"]
 
+ASYNC_POLL_MAX = 0.05    # longest sleep between two polls of recv_async on an empty channel
 SLICE = 0.5               # seconds of one XREADGROUP BLOCK between checks for senders and claims
 CLAIM_EVERY = 1.0         # seconds between two looks for entries that dead receivers left pending
 SEND_BATCH = 500          # messages per send script call in send_many
@@ -470,6 +481,39 @@ class RedisSender(_RedisHandle):
             time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 2, 0.02)
 
+    async def send_async(self, obj, timeout: float | None = None) -> None:
+        """``send`` for asyncio: each try is one round trip on the loop's thread, with
+        ``asyncio.sleep`` between tries (0.5 ms doubling to 20 ms) while the channel is full.
+
+        Same errors as ``send``. Cancelled while waiting, it has sent nothing.
+        """
+        if self._closed:
+            raise Closed("this Sender was closed")
+        deadline = _deadline(timeout)
+        delay = 0.0005
+        while True:
+            try:
+                self.try_send(obj)
+                return
+            except Full:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Full(f"no room on channel {self._name!r} before the timeout", message=obj) from None
+            await asyncio.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 0.02)
+
+    async def send_many_async(self, items, timeout: float | None = None) -> None:
+        """``send_many`` for asyncio, item by item; ``.message`` of Full/Disconnected is the list not sent."""
+        deadline = _deadline(timeout)
+        items = list(items)
+        for k, obj in enumerate(items):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await self.send_async(obj, left)
+            except (Full, Disconnected) as e:
+                e.message = items[k:]
+                raise
+
     def is_disconnected(self) -> bool:
         """True when no receiver holds a live lease."""
         self._check()
@@ -636,6 +680,44 @@ class RedisReceiver(_RedisHandle):
             except Disconnected:
                 return
 
+    async def _receive_async(self, count: int, timeout):
+        deadline = _deadline(timeout)
+        delay = 0.0005
+        while True:
+            try:
+                return self._receive(count, None, False)       # one poll: no await inside, so
+            except Empty:                                       # a cancellation never takes a message
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Empty(f"nothing arrived on channel {self._name!r} before the timeout") from None
+            await asyncio.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, ASYNC_POLL_MAX)
+
+    async def recv_async(self, timeout: float | None = None):
+        """``recv`` for asyncio: polls (one round trip on the loop's thread each time), with
+        ``asyncio.sleep`` between polls (0.5 ms doubling to 50 ms) while the channel is empty.
+
+        Same errors as ``recv``. Cancelled while waiting, it has taken no message.
+        """
+        return (await self._receive_async(1, timeout))[0]
+
+    async def recv_many_async(self, max_items: int, timeout: float | None = None) -> list:
+        """``recv_many`` for asyncio."""
+        if max_items < 1:
+            raise ValueError("max_items must be >= 1")
+        return await self._receive_async(max_items, timeout)
+
+    def __aiter__(self):
+        """``async for msg in rx``: messages until every sender is gone and the channel is drained."""
+        return self._messages()
+
+    async def _messages(self):
+        while True:
+            try:
+                yield await self.recv_async()
+            except Disconnected:
+                return
+
     def is_disconnected(self) -> bool:
         """True when no sender holds a live lease (queued messages may remain)."""
         self._check()
@@ -703,6 +785,14 @@ class RedisQueue:
         if block:
             return self._rx.recv(timeout)
         return self._rx.try_recv()
+
+    async def put_async(self, obj, timeout: float | None = None) -> None:
+        self._check()
+        await self._tx.send_async(obj, timeout)
+
+    async def get_async(self, timeout: float | None = None):
+        self._check()
+        return await self._rx.recv_async(timeout)
 
     def put_nowait(self, obj) -> None:
         self.put(obj, False)

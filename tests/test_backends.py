@@ -324,6 +324,36 @@ def test_threads_share_one_receiver(ns):
     rx.close()
 
 
+def test_asyncio_and_cancellation(ns):
+    import asyncio
+    tx, rx = ns.bounded(1)
+    q = ns.Queue()
+
+    async def main():
+        await tx.send_async("a")
+        with pytest.raises(shm.Full):
+            await tx.send_async("b", timeout=0.1)
+        assert await rx.recv_async(timeout=5) == "a"
+        with pytest.raises(shm.Empty):
+            await rx.recv_async(timeout=0.1)
+        t = asyncio.create_task(rx.recv_async())
+        await asyncio.sleep(0.1)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        tx.send("c")                        # the cancelled receive took nothing
+        assert await rx.recv_async(timeout=5) == "c"
+        await tx.send_many_async(["d"])
+        assert await rx.recv_many_async(10, timeout=5) == ["d"]
+        await q.put_async((1, 2))
+        assert await q.get_async(timeout=5) == (1, 2)
+        tx.close()
+        return [m async for m in rx]        # ends: every sender is gone
+
+    assert asyncio.run(main()) == []
+    rx.close(); q.close()
+
+
 # --------------------------------------------------------------------------
 # Channels across processes.
 
