@@ -651,10 +651,12 @@ POOL = Layout("pool", [
     # anything: the parent's quiescence scan reads it before and after.
     Field("epoch", 8, atomic=True, hot=True),
     # The futex word idle workers park on; bumped by whoever makes work
-    # visible (the parent pushing, a worker that stole a batch) when
-    # ``sleepers`` is non-zero.
+    # visible (the parent pushing, a worker that stole a batch) when a bit
+    # of ``sleepers`` is set.
     Field("wake", 8, atomic=True, hot=True),
-    Field("sleepers", 8, atomic=True, hot=True),
+    # One bit per worker slot parked (or about to park) on ``wake``: a bit,
+    # not a count, so the parent can clear a worker that died parked.
+    Field("sleepers", 8 * BITMAP_WORDS, atomic=True, hot=True),
     Field("shutdown", 8, atomic=True, align=CACHE_LINE),   # POOL_RUN / POOL_DRAIN / POOL_STOP
     Field("pushed", 8, atomic=True),                       # tasks the parent has pushed (ever)
     Field("replaced", 8, atomic=True),                     # workers replaced after dying

@@ -30,8 +30,9 @@ spreads (rayon's "tickle").
 
 *Going idle* (``spin``, then ``idle_park``): the worker first looks at
 the deques for ``SPIN_NS`` (yielding the CPU between looks), then sends its
-results, then ``idle_park`` stores ``WS_IDLE``, increments
-``sleepers`` (seq_cst RMW), reads the ``wake`` word, then looks at every
+results, then ``idle_park`` stores ``WS_IDLE``, sets its bit of
+``sleepers`` (seq_cst RMW; a bitmap, so the parent can clear the bit of a
+worker that died parked), reads the ``wake`` word, then looks at every
 deque once more; only if all are empty does it ``futex_wait`` on ``wake``.
 Whoever makes work visible (the parent after pushing, a worker after
 stealing a batch) fences and reads ``sleepers``; when it is non-zero it
@@ -121,10 +122,22 @@ def _dq(w, i):
 
 
 @jit(inline="always")
+def _sleepers(w):
+    """Workers parked or about to park (set bits of the ``sleepers`` bitmap)."""
+    n = 0
+    for k in range(L.BITMAP_WORDS):
+        x = A.load(w, _SLEEPERS + k, "seq_cst")
+        while x != 0:
+            x &= x - 1
+            n += 1
+    return n
+
+
+@jit(inline="always")
 def _wake(w, n):
     """After making work visible: wake up to ``n`` sleepers, if any (returns how many were asked)."""
     A.fence("seq_cst")
-    s = A.load(w, _SLEEPERS, "seq_cst")
+    s = _sleepers(w)
     if s <= 0:
         return 0
     A.fetch_add(w, _WAKE, 1, "seq_cst")
@@ -237,13 +250,14 @@ def idle_park(c, me, timeout_ns):
     w = _seg(c)
     A.store(w, _wk(w, me, L.WK_STATE), L.WS_IDLE, "seq_cst")
     A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
-    A.fetch_add(w, _SLEEPERS, 1, "seq_cst")
+    bit = 1 << (me & 63)
+    A.fetch_or(w, _SLEEPERS + (me >> 6), bit, "seq_cst")
     seen = A.load(w, _WAKE, "seq_cst")
     slept = 0
     if not _any_work(w) and A.load(w, L.PO_SHUTDOWN >> 3, "seq_cst") == L.POOL_RUN:
         futex_wait(w, _WAKE, seen, timeout_ns)
         slept = 1
-    A.fetch_add(w, _SLEEPERS, -1, "seq_cst")
+    A.fetch_and(w, _SLEEPERS + (me >> 6), ~bit, "seq_cst")
     A.store(w, _wk(w, me, L.WK_STATE), L.WS_BUSY, "seq_cst")
     A.fetch_add(w, _EPOCH, 1, "seq_cst")
     return slept
@@ -280,7 +294,7 @@ def push(c, task):
     # pile up behind a wake-up already sent need no system call of their own
     # (the woken worker steals half of what is there, and wakes the next).
     A.fence("seq_cst")
-    if before < A.load(w, _SLEEPERS, "seq_cst"):
+    if before < _sleepers(w):
         _wake(w, 1)
     return 1
 

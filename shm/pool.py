@@ -669,6 +669,7 @@ class Pool:
             state = int(self._seg.w[self._word(slot, L.WK_STATE)])
             current = int(self._seg.w[self._word(slot, L.WK_CURRENT)])
             Wd.store(self._seg.w, self._word(slot, L.WK_STATE), L.WS_DEAD)
+            Wd.bit_clear(self._seg.w, L.PO_SLEEPERS >> 3, slot)      # it may have died parked
             self._procs[slot] = None
             try:
                 p.close()

@@ -277,6 +277,7 @@ def test_pool_layout():
     assert L.CHUNK.size == L.CK_DATA and L.CK_DATA % 8 == 0
     for f in ("epoch", "wake", "sleepers"):
         assert L.POOL.fields[f].hot
+    assert L.POOL.fields["sleepers"].size * 8 >= L.MAX_PARTICIPANTS        # a bit per worker slot
     assert L.PO_EPOCH == L.SEG_HEADER + L.POOL["epoch"] and L.PO_END == L.SEG_HEADER + L.POOL.size
     for workers in (1, 2, 3, 64, L.MAX_PARTICIPANTS):
         for dcap, icap in ((2, 2), (128, 1 << 16)):

@@ -471,3 +471,20 @@ def test_forkserver_start_method():
             p.apply(W.die_on, (5, 5))
         assert ei.value.signal == signal.SIGKILL
         assert p.submit(W.add, 1, 2).result(30) == 3
+
+
+def test_a_worker_killed_while_parked_leaves_no_phantom_sleeper(pool):
+    from kernels import layout as L
+    pool.map(W.square, range(10))
+    time.sleep(0.3)                                 # both workers parked now
+    w = pool._seg.w
+    bits = lambda: sum(bin(int(w[(L.PO_SLEEPERS >> 3) + k]) & (2**64 - 1)).count("1") for k in range(L.BITMAP_WORDS))
+    assert bits() == 2
+    victim = pool.stats()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and pool.stats()["workers"][0]["pid"] == victim:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert bits() == 2                              # the replacement's bit, not the dead one's too
+    assert pool.map(W.square, range(10)) == [x * x for x in range(10)]
