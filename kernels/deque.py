@@ -1,6 +1,6 @@
 """A work-stealing deque in shared memory: Chase-Lev, as crossbeam-deque's Worker and Stealer.
 
-The foundation of ``shm.Pool`` (issue 5; not built yet): each worker
+The foundation of ``shm.Pool`` (kernels/pool.py, shm/pool.py): each worker
 process owns one deque of int64 task ids, pushes and pops at the bottom
 (LIFO, cache-warm), and idle workers steal from the top of others' (FIFO,
 oldest first), one task or half of what is there (``steal_batch``).
@@ -40,13 +40,17 @@ Orderings, and what each pairs with:
   could hand a task to both), into the destination's free slots, published
   by one release store of its ``bottom``.
 
-*A process killed at any instruction* loses at most the task it was
-taking: a stealer killed after winning its CAS took the task with it (as a
-channel consumer killed after a pop); one killed before it took nothing. An
+*A process killed at any instruction* loses at most what it was taking:
+a stealer killed after winning its CAS took the task with it (as a
+channel consumer killed after a pop), and one killed inside
+``steal_batch`` took every task it had won so far (up to ``max_n``: they
+are published to its own deque only at the end); one killed before a CAS
+took nothing. An
 owner killed in ``pop`` between lowering ``bottom`` and restoring it leaves
 ``bottom`` one low: the task there is hidden from stealers. The pool
 (issue 5) has to settle that when it replaces a dead worker: its new owner
-knows from the pool's accounting which task ids were finished.
+knows from the pool's accounting which task ids were finished (shm.Pool:
+kernels/pool.py ``settle`` and the quiescence scan).
 
 Rejected: a growable buffer (crossbeam swaps buffers under epoch
 reclamation; across processes that needs a shared allocator and a reclaim

@@ -657,7 +657,7 @@ POOL = Layout("pool", [
     # One bit per worker slot parked (or about to park) on ``wake``: a bit,
     # not a count, so the parent can clear a worker that died parked.
     Field("sleepers", 8 * BITMAP_WORDS, atomic=True, hot=True),
-    Field("shutdown", 8, atomic=True, align=CACHE_LINE),   # POOL_RUN / POOL_DRAIN / POOL_STOP
+    Field("shutdown", 8, atomic=True, align=CACHE_LINE),   # POOL_RUN / POOL_STOP
     Field("pushed", 8, atomic=True),                       # tasks the parent has pushed (ever)
     Field("replaced", 8, atomic=True),                     # workers replaced after dying
 ], align=CACHE_LINE)
@@ -671,8 +671,7 @@ PO_REPLACED = SEG_HEADER + POOL["replaced"]
 PO_END = SEG_HEADER + POOL.size
 
 POOL_RUN = 0
-POOL_DRAIN = 1        # close(): finish what is queued, then exit
-POOL_STOP = 2         # terminate(): exit now
+POOL_STOP = 2         # join() once nothing is left, or terminate(): workers exit
 
 WORKER = Layout("worker", [
     # WS_*: written by the worker itself, except WS_DEAD (the parent, once

@@ -10,11 +10,6 @@
   from the injector or from other workers, and pops from it (rayon's
   scheduler: local LIFO, steal FIFO).
 
-A task is one int64: ``(record >> 6) << 16 | index``, the arena offset of
-the chunk record holding its payload (a pickled ``(fn, mode, items)``
-written by the parent) and its index in that chunk. Payloads never move:
-stealing moves 8-byte task words between deques.
-
 Design notes
 ------------
 *Finding work* (``take``): pop the own deque; else steal a batch (up to
@@ -60,10 +55,12 @@ reported as such (``shm.WorkerLost``, naming the dead worker; the one whose
 
 *A dead owner's deque* (``settle``): an owner killed inside ``pop`` may
 leave ``bottom`` one below ``top`` (it lowered ``bottom``, lost the race
-for the last task, and died before restoring it). The replacement worker,
-the deque's next owner, raises ``bottom`` to ``top`` before using it; the
-task it hid was the dead owner's ``current`` and is reported lost by the
-scan.
+for the last task, and died before restoring it), or equal to it with the
+last task hidden at ``top`` and a stealer still about to CAS ``top`` for
+it. The replacement worker, the deque's next owner, finds it empty and
+moves ``top`` (by CAS) and ``bottom`` one past, so any such stale CAS fails
+and cannot take what the new owner pushes into that slot; the hidden task
+was the dead owner's and is reported lost by the scan.
 
 Rejected: per-task state words (claim = CAS on the task's own word):
 a second CAS per task, and still a window between taking a task word out
@@ -179,18 +176,20 @@ def take(c, me, r, leaf):
         icap = w[_P + L.PP_ICAP]
         nw = w[_P + L.PP_WORKERS]
         moved = 0
+        src = _dq(w, -1)
         for attempt in range(4):                 # RETRY: lost a race with another stealer
-            moved = DQ.steal_batch(w, _dq(w, -1), icap, w, mine, dcap, STEAL_MAX)
-            if moved or DQ.length(w, _dq(w, -1)) == 0:
+            moved = DQ.steal_batch(w, src, icap, w, mine, dcap, STEAL_MAX)
+            if moved or DQ.length(w, src) == 0:
                 break
         if moved == 0:
             for k in range(nw):
                 v = (r + k) % nw
                 if v == me:
                     continue
+                src = _dq(w, v)
                 for attempt in range(4):
-                    moved = DQ.steal_batch(w, _dq(w, v), dcap, w, mine, dcap, STEAL_MAX)
-                    if moved or DQ.length(w, _dq(w, v)) == 0:
+                    moved = DQ.steal_batch(w, src, dcap, w, mine, dcap, STEAL_MAX)
+                    if moved or DQ.length(w, src) == 0:
                         break
                 if moved:
                     A.store(w, _wk(w, me, L.WK_STEALS), w[_wk(w, me, L.WK_STEALS)] + moved, "relaxed")
@@ -198,8 +197,8 @@ def take(c, me, r, leaf):
         if moved == 0:
             A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
             return -1
-        if moved >= 2:
-            _wake(w, 1)
+        if moved >= 2 or DQ.length(w, src) > 0:
+            _wake(w, 1)                          # work left here or there: another sleeper can help
         st, task = DQ.pop(w, mine, dcap)
         if st != DQ.OK:                          # stolen back from us already: try again later
             A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
@@ -229,9 +228,17 @@ def settle(c, me, pid, start):
     """A (re)started worker ``me`` takes its slot: settles the deque a dead owner left, turns BUSY."""
     w = _seg(c)
     d = _dq(w, me)
-    t = A.load(w, d + DQ.TOP, "acquire")
-    if A.load(w, d + DQ.BOTTOM, "relaxed") < t:
-        A.store(w, d + DQ.BOTTOM, t, "release")
+    while True:
+        t = A.load(w, d + DQ.TOP, "acquire")
+        if A.load(w, d + DQ.BOTTOM, "relaxed") > t:
+            break                   # tasks left: a stale stealer's CAS at t still takes the task it read
+        # Empty (or bottom left below top): move both one past t, so that a
+        # stealer that read top == t (and the task the dead owner was popping
+        # there) before the owner died fails its CAS instead of taking
+        # whatever this worker pushes into slot t next.
+        if A.cas(w, d + DQ.TOP, t, t + 1, "seq_cst") == t:
+            A.store(w, d + DQ.BOTTOM, t + 1, "release")
+            break
     A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
     A.store(w, _wk(w, me, L.WK_PID), pid, "relaxed")
     A.store(w, _wk(w, me, L.WK_START), start, "relaxed")
@@ -252,6 +259,7 @@ def idle_park(c, me, timeout_ns):
     A.store(w, _wk(w, me, L.WK_CURRENT), -1, "relaxed")
     bit = 1 << (me & 63)
     A.fetch_or(w, _SLEEPERS + (me >> 6), bit, "seq_cst")
+    A.fence("seq_cst")          # pairs with _wake's fence: it sees our bit, or we see its work
     seen = A.load(w, _WAKE, "seq_cst")
     slept = 0
     if not _any_work(w) and A.load(w, L.PO_SHUTDOWN >> 3, "seq_cst") == L.POOL_RUN:

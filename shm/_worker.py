@@ -4,13 +4,16 @@ A worker attaches the pool's segment, runs the initializer, then loops:
 take a task (``kernels.pool.take``: own deque, injector, peers), decode its
 chunk's payload from the arena (cached: the tasks of one chunk share it),
 run it, and buffer the result. Results go back to the parent through one
-shm channel (bytes, pickled here in batches): when 256 are buffered, when
-a millisecond has passed since the last send, and always before going idle,
-so the parent's quiescence scan (kernels/pool.py) never sees an idle worker
-holding unsent results.
+shm channel (bytes, pickled here in batches): when ``FLUSH_COUNT`` records
+are buffered, when ``FLUSH_SECONDS`` have passed since the last send, and
+always before going idle, so the parent's quiescence scan (kernels/pool.py)
+never sees an idle worker holding unsent results.
 
-A worker exits when the pool says so (``POOL_DRAIN`` with nothing left,
-``POOL_STOP`` at once) or when its parent is gone.
+A task that raises anything, ``SystemExit`` and ``KeyboardInterrupt``
+included, fails that task only: a worker leaves its loop only when the pool
+says so (``POOL_STOP``), at ``maxtasksperchild``, or when its parent is
+gone, and only then marks itself ``WS_EXITED`` (a clean exit the parent
+does not count as a death).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from kernels import layout as L
 from kernels import pool as K
 
 from . import _liveness
+from .errors import Disconnected
 from .segment import Segment
 
 OK = 0
@@ -89,7 +93,13 @@ def _picklable_error(exc: BaseException):
 
 
 class _Arrays:
-    """Shared arrays for ``for_each_chunk``, mapped once per worker."""
+    """Shared arrays for ``for_each_chunk``, mapped once per worker; the ``KEEP`` most recent stay mapped.
+
+    (A copied array's segment is unlinked by the parent after its call; its
+    pages are freed only when every worker has unmapped it too.)
+    """
+
+    KEEP = 4
 
     def __init__(self):
         self.maps = {}
@@ -97,9 +107,16 @@ class _Arrays:
     def view(self, desc):
         import numpy as np
         name, offset, dtype, shape, strides = desc
-        seg = self.maps.get(name)
+        seg = self.maps.pop(name, None)
         if seg is None:
-            seg = self.maps[name] = Segment.attach(name, kind=L.KIND_BLOB, what="pool array")
+            while len(self.maps) >= self.KEEP:
+                old = self.maps.pop(next(iter(self.maps)))
+                try:
+                    old.close()
+                except Exception:       # a view the task kept still uses it: let it go with the view
+                    pass
+            seg = Segment.attach(name, kind=L.KIND_BLOB, what="pool array")
+        self.maps[name] = seg           # most recent last
         count = 1
         for s in shape:
             count *= s
@@ -205,9 +222,7 @@ class Worker:
                     view = self.arrays.view(extra)
                     for lo, hi in items[i:end]:
                         app(fn(view[lo:hi]))
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as e:
+            except BaseException as e:         # SystemExit too: it fails the task, not the worker
                 j = i + len(vals)
                 if vals:
                     buf.append((cid, i, LIST, vals))
@@ -234,8 +249,6 @@ class Worker:
                 p[1] = fn(p[1], x)
                 p[0] += 1
         except BaseException as e:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
             self.buf.append((cid, i, ERR, _picklable_error(e)))
 
     def _cid_at(self, rec: int) -> int:
@@ -340,16 +353,15 @@ def main(pool_name: str, slot: int, results, parent_pid: int, initializer, inita
             w.seg.close()
             sys.exit(3)
     try:
-        w.loop()
-    finally:
-        try:
-            w.flush()
-        except Exception:
-            pass
-        _set_state(w.seg, slot, L.WS_EXITED)
+        w.loop()            # an exception out of here is a crash: the parent sees a non-zero exit
+        w.flush()
+    except Disconnected:
+        if w.parent_gone():
+            os._exit(0)     # nobody left to report to
+        raise
+    _set_state(w.seg, slot, L.WS_EXITED)
+    try:
         w.arrays.close()
-        try:
-            results.close()
-        except Exception:
-            pass
+        results.close()
+    finally:
         w.seg.close()

@@ -148,10 +148,7 @@ class AsyncResult:
 
     def _finish(self, value, error) -> None:
         self._value, self._error = value, error
-        with _RESULTS_DONE:
-            self._done = True
-            _RESULTS_DONE.notify_all()
-        try:
+        try:                    # the callback runs before get() returns (as multiprocessing's)
             if error is None and self._callback is not None:
                 self._callback(value)
             elif error is not None and self._error_callback is not None:
@@ -159,6 +156,9 @@ class AsyncResult:
         except Exception:       # a callback's exception must not kill the collector (mp.Pool's too)
             import traceback
             traceback.print_exc()
+        with _RESULTS_DONE:
+            self._done = True
+            _RESULTS_DONE.notify_all()
 
     def __repr__(self):
         return f"<shm.AsyncResult {'ready' if self._done else 'pending'}>"
@@ -620,6 +620,7 @@ class Pool:
         self._chunks: dict[int, _Chunk] = {}
         self._pending: collections.deque[_Chunk] = collections.deque()
         self._stage = None               # (fn, [pickled (args, kwargs)], [job]) of coalesced calls
+        self._feeders = 0                # imap feeder threads still reading their iterables
         self._cids = itertools.count(1)
         self._seq = 0
         self._outstanding = 0
@@ -725,7 +726,8 @@ class Pool:
                     self._flush_stage()
                 if self._pending:
                     self._push()
-                if self._state == TERMINATE or (self._state == CLOSE and self._outstanding == 0 and self._joining):
+                if self._state == TERMINATE or (self._state == CLOSE and self._outstanding == 0
+                                                and self._feeders == 0 and self._joining):
                     return
 
     def _dispatch(self, message: bytes) -> None:
@@ -840,6 +842,9 @@ class Pool:
         self._broken = error
         for ch in list(self._chunks.values()):
             ch.job.abort(error)
+            if ch.seg is not None:
+                unlink_name(ch.seg)
+                ch.seg = None
         if self._stage is not None:
             for j in self._stage[2]:
                 j.abort(error)
@@ -877,9 +882,12 @@ class Pool:
                               reduce))
         return out
 
-    def _enqueue(self, chunks: list[_Chunk]) -> None:
+    def _enqueue(self, chunks: list[_Chunk], feeding: bool = False) -> None:
         with self._lock:
-            self._check_running()
+            if not feeding:
+                self._check_running()
+            elif self._broken is not None:
+                raise BrokenPool(str(self._broken)) from self._broken
             for ch in chunks:
                 self._chunks[ch.cid] = ch
                 self._outstanding += ch.n
@@ -887,29 +895,36 @@ class Pool:
             self._push()
 
     def _push(self) -> None:
-        """Write pending chunks into the arena and push their tasks (lock held)."""
+        """Write pending chunks into the arena and push their tasks (lock held).
+
+        While a worker's death is being settled nothing new goes out, so the
+        pool is sure to run dry and the quiescence scan to conclude even
+        under a steady stream of submissions.
+        """
+        if self._deaths:
+            return
         arena, seg = self._arena, self._seg
         while self._pending:
             ch = self._pending[0]
             if ch.region is None:
                 payload = ch.payload
+                big = len(payload) > arena.size // 4
+                # A big payload gets a segment of its own and the record holds its name.
+                region = arena.alloc(L.CK_DATA + (L.NAME_LEN if big else len(payload)))
+                if region is None:
+                    return                          # wait for results to free space
                 flags = 0
-                if len(payload) > arena.size // 4:
+                if big:
                     try:
                         name = self._payload_segment(payload)
                     except Exception as e:      # e.g. OutOfSharedMemory: this chunk fails, the pool goes on
+                        arena.free(region)
                         self._pending.popleft()
                         self._fail_chunk(ch, e)
                         continue
                     ch.seg = name
                     payload = name.encode("ascii")
                     flags = L.CHUNK_SEGMENT
-                region = arena.alloc(L.CK_DATA + len(payload))
-                if region is None:
-                    if ch.seg is not None:
-                        unlink_name(ch.seg)
-                        ch.seg = None
-                    return                          # wait for results to free space
                 rec = self._arena_off + region[0]
                 _CHUNK_HEADER.pack_into(seg.mm, rec, ch.cid, len(payload), flags)
                 seg.mm[rec + L.CK_DATA: rec + L.CK_DATA + len(payload)] = payload
@@ -969,7 +984,7 @@ class Pool:
         with self._lock:
             self._check_running()
             st = self._stage
-            if st is not None and st[0] is not fn:
+            if st is not None and st[0] is not fn and st[0] != fn:     # bound methods are equal, not identical
                 self._flush_stage()
                 st = None
             if st is None:
@@ -1032,9 +1047,11 @@ class Pool:
         return self._wait(self.starmap_async(func, iterable, chunksize), progress)
 
     def _imap(self, func, iterable, chunksize, ordered) -> IMapIterator:
-        self._check_running()
         job = _IMapJob(ordered)
         fixed = None if chunksize is None else _chunks_of(1, chunksize, self._n)
+        with self._lock:
+            self._check_running()
+            self._feeders += 1          # close() may come next: join() waits for the feeder too
 
         def feed():
             n = 0
@@ -1045,13 +1062,18 @@ class Pool:
                     part = list(itertools.islice(it, fixed or size))
                     if not part:
                         break
-                    self._enqueue(self._make_chunks(job, func, _worker.MODE_CALL, None, part, len(part), base=n))
+                    self._enqueue(self._make_chunks(job, func, _worker.MODE_CALL, None, part, len(part), base=n),
+                                  feeding=True)
                     n += len(part)
                     size = min(size * 2, 256)
             except BaseException as e:
                 job.feeder_done(n, e)
-                return
-            job.feeder_done(n)
+            else:
+                job.feeder_done(n)
+            finally:
+                with self._lock:
+                    self._feeders -= 1
+                    self._idle.notify_all()
 
         threading.Thread(target=feed, name="shm.Pool imap feeder", daemon=True).start()
         return IMapIterator(job)
@@ -1219,7 +1241,7 @@ class Pool:
             raise ValueError("Pool is still running: call close() or terminate() first")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._outstanding and self._broken is None and self._state != TERMINATE:
+            while (self._outstanding or self._feeders) and self._broken is None and self._state != TERMINATE:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("the pool's tasks did not finish in time")

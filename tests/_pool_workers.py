@@ -120,3 +120,14 @@ def big_bytes(n):
 
 def length(b):
     return len(b)
+
+
+def exit_with(code):
+    import sys
+    sys.exit(code)
+
+
+def deleted_shm_maps(_x=None):
+    """How many /dev/shm mappings of this process belong to unlinked segments."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/" in line and "(deleted)" in line)

@@ -488,3 +488,67 @@ def test_a_worker_killed_while_parked_leaves_no_phantom_sleeper(pool):
     time.sleep(0.3)
     assert bits() == 2                              # the replacement's bit, not the dead one's too
     assert pool.map(W.square, range(10)) == [x * x for x in range(10)]
+
+
+# --------------------------------------------------------------------------
+# found in review
+
+def test_sys_exit_in_a_task_fails_that_task_only():
+    with shm.Pool(1, context=FORK) as p:            # one worker: a hang would be total
+        for code in (0, 3, None):
+            with pytest.raises(SystemExit):
+                p.apply(W.exit_with, (code,))
+        assert p.map(W.square, range(10)) == [x * x for x in range(10)]
+        assert p.stats()["replaced"] == 0 and p.stats()["lost"] == 0
+
+
+def test_imap_then_close_then_iterate():
+    p = shm.Pool(2, context=FORK)
+    it = p.imap(W.square, (i for i in range(2000)))
+    p.close()
+    assert list(it) == [i * i for i in range(2000)]
+    p.join()
+
+
+def test_callback_runs_before_get_returns(pool):
+    seen = []
+    for i in range(50):
+        r = pool.apply_async(W.square, (i,), callback=seen.append)
+        assert r.get(30) == i * i and seen[-1] == i * i
+
+
+def test_a_death_is_settled_under_a_steady_stream_of_submissions(pool):
+    stop = threading.Event()
+    futs = []
+
+    def stream():
+        while not stop.is_set():
+            futs.append(pool.submit(W.spin, 1, 100))
+            time.sleep(0.0002)
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        time.sleep(0.1)
+        bad = pool.submit(W.die_on, 5, 5)
+        assert isinstance(bad.exception(30), shm.WorkerLost)    # settled while the stream goes on
+    finally:
+        stop.set()
+        t.join(30)
+    for f in futs:
+        e = f.exception(60)
+        assert e is None or isinstance(e, shm.WorkerLost)
+
+
+def test_terminate_with_big_payloads_pending_leaves_nothing():
+    p = shm.Pool(1, context=FORK)
+    p.submit(W.sleep_then, 1, 1)
+    for _ in range(3):
+        p.submit(W.length, os.urandom(3 << 20))     # each in its own segment
+    p.terminate()                                   # the conftest fixture checks /dev/shm
+
+
+def test_workers_do_not_keep_every_copied_array_mapped(pool):
+    for _ in range(8):
+        pool.for_each_chunk(np.ones(1 << 16), W.chunk_sum, chunks=4)
+    counts = pool.map(W.deleted_shm_maps, range(8), chunksize=1)
+    assert max(counts) <= 5, counts                 # at most the 4 most recent, not all 8
