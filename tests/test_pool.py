@@ -360,7 +360,12 @@ def test_inspect_shows_the_pool_and_gc_leaves_a_live_one_alone(pool):
     from shm import _admin
     a = pool.array(100)
     r = pool.map_async(W.sleep_then, range(20), chunksize=1)
-    info = _admin.describe(pool._seg.name)
+    deadline = time.monotonic() + 30
+    while True:                 # a worker records its pid when it starts: give both the time to
+        info = _admin.describe(pool._seg.name)
+        if sum(p["alive"] for p in info["participants"]) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert info["kind"] == "pool" and info["workers"] == 2
     assert sum(p["alive"] for p in info["participants"]) == 2
     assert {p["pid"] for p in info["participants"]} == {w["pid"] for w in pool.stats()["workers"]}
