@@ -27,9 +27,19 @@ from conftest import KILL_ROUNDS
 FORK = mp.get_context("fork")
 
 
+def _started(p, timeout=30.0):
+    """Wait until every worker has started (recorded itself in the pool segment)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(w["state"] in ("idle", "busy") for w in p.stats()["workers"]):
+            return p
+        time.sleep(0.01)
+    raise AssertionError(f"workers did not start: {p.stats()}")
+
+
 @pytest.fixture
 def pool():
-    p = shm.Pool(2, context=FORK)
+    p = _started(shm.Pool(2, context=FORK))
     yield p
     p.terminate()
 
