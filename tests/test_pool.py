@@ -575,3 +575,11 @@ def test_workers_do_not_keep_every_copied_array_mapped(pool):
         pool.for_each_chunk(np.ones(1 << 16), W.chunk_sum, chunks=4)
     counts = pool.map(W.deleted_shm_maps, range(8), chunksize=1)
     assert max(counts) <= 5, counts                 # at most the 4 most recent, not all 8
+
+
+def test_demo_pool_part(monkeypatch, capsys):
+    """The pool part of `make demo` gets every result right (on fewer tasks)."""
+    from shm import _demo_pool
+    monkeypatch.setattr(_demo_pool, "TASKS", 2000)
+    assert _demo_pool.main()
+    assert "results ok" in capsys.readouterr().out
