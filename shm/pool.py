@@ -805,18 +805,8 @@ class Pool:
             return
         deaths, self._deaths = self._deaths, []
         for ch in [c for c in self._chunks.values() if c.seq is not None and c.seq <= seq]:
-            if ch.got is None:
-                self._lost += ch.left
-                ch.job.fail(ch.left, self._lost_error(deaths, ch.first, -1))
-                ch.left = 0
-            else:
-                for i in range(ch.n):
-                    if not ch.got[i]:
-                        ch.got[i] = 1
-                        self._lost += 1
-                        ch.job.task(ch.base + i, False, self._lost_error(deaths, ch.first, i))
-                ch.left = 0
-            self._finish(ch)
+            self._lost += ch.left
+            self._fail_chunk(ch, lambda i, first=ch.first: self._lost_error(deaths, first, i))
 
     @staticmethod
     def _lost_error(deaths, first: int, idx: int) -> WorkerLost:
@@ -920,7 +910,7 @@ class Pool:
                     except Exception as e:      # e.g. OutOfSharedMemory: this chunk fails, the pool goes on
                         arena.free(region)
                         self._pending.popleft()
-                        self._fail_chunk(ch, e)
+                        self._fail_chunk(ch, lambda i, e=e: e)
                         continue
                     ch.seg = name
                     payload = name.encode("ascii")
@@ -937,15 +927,15 @@ class Pool:
             self._seq += 1
             ch.seq = self._seq
 
-    def _fail_chunk(self, ch: _Chunk, error: BaseException) -> None:
-        """Every task of a chunk that could not be queued fails with ``error`` (lock held)."""
+    def _fail_chunk(self, ch: _Chunk, error_of) -> None:
+        """Every task of ``ch`` without a result fails with ``error_of(index)`` (-1: a reduce chunk's rest; lock held)."""
         if ch.got is None:
-            ch.job.fail(ch.left, error)
+            ch.job.fail(ch.left, error_of(-1))
         else:
             for i in range(ch.n):
                 if not ch.got[i]:
                     ch.got[i] = 1
-                    ch.job.task(ch.base + i, False, error)
+                    ch.job.task(ch.base + i, False, error_of(i))
         ch.left = 0
         self._finish(ch)
 
@@ -1019,14 +1009,19 @@ class Pool:
         """``func(*args, **kwds)`` run in a worker (blocks)."""
         return self.apply_async(func, args, kwds).get()
 
+    def _queue_all(self, job, func, mode, extra, items: list, chunksize, reduce: bool = False) -> None:
+        """Queue every item of one call in chunks (nothing to queue: only check the pool runs)."""
+        if items:
+            self._enqueue(self._make_chunks(job, func, mode, extra, items, _chunks_of(len(items), chunksize, self._n),
+                                            reduce=reduce))
+        else:
+            self._check_running()
+
     def _map_async(self, func, iterable, chunksize, mode, callback=None, error_callback=None) -> AsyncResult:
         items = list(iterable)
         res = AsyncResult(callback, error_callback)
-        job = res._job = _MapJob(len(items), res)
-        if items:
-            self._enqueue(self._make_chunks(job, func, mode, None, items, _chunks_of(len(items), chunksize, self._n)))
-        else:
-            self._check_running()
+        res._job = _MapJob(len(items), res)
+        self._queue_all(res._job, func, mode, None, items, chunksize)
         return res
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> AsyncResult:
@@ -1112,11 +1107,7 @@ class Pool:
         items = list(iterable)
         res = AsyncResult()
         job = _ReduceJob(len(items), reduce, None if initial is ... else initial, initial is not ..., res)
-        if items:
-            self._enqueue(self._make_chunks(job, func, _worker.MODE_REDUCE, reduce, items,
-                                            _chunks_of(len(items), chunksize, self._n), reduce=True))
-        else:
-            self._check_running()
+        self._queue_all(job, func, _worker.MODE_REDUCE, reduce, items, chunksize, reduce=True)
         return res.get()
 
     def fold(self, func, iterable, initial, combine, *, chunksize=None):
@@ -1132,11 +1123,7 @@ class Pool:
             init = pickle.dumps(initial, protocol=5)
         except Exception as e:
             raise TypeError(f"fold's initial value must be picklable: {e}") from e
-        if items:
-            self._enqueue(self._make_chunks(job, func, _worker.MODE_FOLD, init, items,
-                                            _chunks_of(len(items), chunksize, self._n), reduce=True))
-        else:
-            self._check_running()
+        self._queue_all(job, func, _worker.MODE_FOLD, init, items, chunksize, reduce=True)
         return res.get()
 
     def array(self, shape, dtype=float) -> np.ndarray:
