@@ -64,10 +64,12 @@ import weakref
 import numpy as np
 
 from kernels import layout as L
+from kernels import pycall as P
 from kernels import ring as R
 from kernels import words as W
 
 from . import _liveness, _wait
+from ._builtin import bind
 from ._registry import Registry
 import msgpack
 
@@ -101,8 +103,6 @@ _PUBLISH = _entry(R.publish_at)
 _PUBLISH_INLINE = _entry(R.publish_inline_at)
 _POP = _entry(R.pop_at)
 _POP_SPIN = _entry(R.pop_spin_at)
-_POP_SPIN_GIL = _entry(R.pop_spin_gil_at)
-_PUSH_SPIN_GIL = _entry(R.push_spin_gil_at)
 _POP_MANY = _entry(R.pop_many_at)
 _RELEASE = _entry(R.release_at)
 _SLOT_WORD = _entry(R.slot_word_at)
@@ -133,7 +133,6 @@ BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes ob
 DEFAULT_SLOT = 512            # 480 bytes inline: most dict-shaped messages fit
 MAX_SLOT = 1 << 20
 BATCH = 256                   # messages per recv_many kernel call
-SHORT_SPIN = 7                # backoff steps the fast path spins with the GIL (127 pauses, ~3 us)
 SEND_SPIN = 40                # retries (with sched_yield) of a blocked send before it parks
 RING0_UNBOUNDED = 256         # slots of an unbounded channel's first generation
 MAX_RING_BYTES = 16 << 20     # bytes of slots in its largest generations
@@ -210,6 +209,15 @@ class _Ring:
         self.rx_extra: list[np.ndarray] = []     # other threads' receive descriptors (_Rx)
         self.tx_addr = self.dtx.ctypes.data
         self.rx_addr = self.drx.ctypes.data
+        # The fast paths (shm/channel.py) as builtins bound to the descriptors
+        # (kernels/pycall.py). A rendezvous send never takes the inline fast path.
+        if chan.flavor == L.FLAVOR_RENDEZVOUS:
+            self.push_b = self.push_b_spin = _not_inline
+        else:
+            self.push_b = bind(P.push_bytes, self.dtx)
+            self.push_b_spin = bind(P.push_bytes_spin, self.dtx)
+        self.pop_b = bind(P.pop_bytes, self.drx)
+        self.pop_b_spin = bind(P.pop_bytes_spin, self.drx)
 
     def set_me(self, role: int, me: int) -> None:
         if role == L.ROLE_TX:
@@ -235,6 +243,11 @@ class _Ring:
         self.invalidate()
         if self.own:
             self.seg.close()
+
+
+def _not_inline(data) -> int:
+    """A rendezvous channel's ``push_b``: its sends always take the general path."""
+    return R.TOO_BIG
 
 
 class _Rx:
@@ -354,6 +367,8 @@ class _Chan:
         self.txr = self.rxr = r0
         self.tx_addr = r0.tx_addr
         self.rx_addr = r0.rx_addr
+        self.push_b, self.push_b_spin = r0.push_b, r0.push_b_spin
+        self.pop_b, self.pop_b_spin = r0.pop_b, r0.pop_b_spin
         self.closed = False
         self._last_check = 0.0
         self._blob_reads = 0
@@ -734,6 +749,7 @@ class _Chan:
                     continue
                 self.txr = r
                 self.tx_addr = r.tx_addr
+                self.push_b, self.push_b_spin = r.push_b, r.push_b_spin
                 self._drop_old_rings()
                 return
 
@@ -749,6 +765,7 @@ class _Chan:
                     continue
                 self.rxr = r
                 self.rx_addr = r.rx_addr
+                self.pop_b, self.pop_b_spin = r.pop_b, r.pop_b_spin
                 self._drop_old_rings()
                 return
 

@@ -40,7 +40,7 @@ from kernels import layout as L
 from kernels import ring as R
 
 from . import _async, _chan
-from ._chan import _POP, _POP_SPIN_GIL, _PUSH, _PUSH_SPIN_GIL, BYTES_OFF, SHORT_SPIN as _SHORT, _Chan
+from ._chan import _Chan
 from ._wait import deadline_of
 from .errors import Closed, Disconnected, Empty, Full
 
@@ -48,7 +48,6 @@ __all__ = ["bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelS
 
 _EMPTY = R.EMPTY
 _NOTHING = object()
-_FULL = R.FULL
 _FLAVOR_NAMES = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded", L.FLAVOR_RENDEZVOUS: "rendezvous"}
 
 
@@ -480,11 +479,13 @@ def _deadline(timeout):
 
 # --------------------------------------------------------------------------
 # The fast paths. Everything they need is bound in the closure; the common
-# case is one kernel call (push_at / pop_at, ~0.1 us) plus the codec.
+# case is one call of a builtin bound to the ring's descriptor
+# (``c.push_b``/``c.pop_b``, kernels/pycall.py: the kernel plus ~30 ns of
+# call) and the codec. The builtins are re-read from ``c`` at every call:
+# an unbounded channel replaces them when it moves to a new ring.
 
 def _make_send(c: _Chan, blocking: bool):
-    PUSH, PUSH_SPIN, FULL, SHORT, OFF = _PUSH, _PUSH_SPIN_GIL, _FULL, _SHORT, BYTES_OFF
-    raw, fenc, enc, fast_inline, slow = c.raw, c.fast_encode, c.encode, c.fast_inline, c.send
+    raw, fenc, enc, slow = c.raw, c.fast_encode, c.encode, c.send
 
     if blocking:
         def send(obj, timeout=None):
@@ -497,14 +498,10 @@ def _make_send(c: _Chan, blocking: bool):
                     data = fenc(obj)
                 except Exception:
                     data = enc(obj)             # raises the codec's EncodeError
-            if type(data) is bytes:
-                n = len(data)
-                if n <= fast_inline:
-                    r = PUSH(c.tx_addr, id(data) + OFF, n)
-                    if r == 0:
-                        return
-                    if r == FULL and PUSH_SPIN(c.tx_addr, id(data) + OFF, n, SHORT) == 0:
-                        return
+            # Pushed inline, retried briefly while full; anything else (too
+            # big, not bytes, full for longer, closed...) takes the general path.
+            if c.push_b_spin(data) == 0:
+                return
             slow(obj, data, deadline_of(timeout))
         send.__doc__ = Sender.send.__doc__
         return send
@@ -517,7 +514,7 @@ def _make_send(c: _Chan, blocking: bool):
                 data = fenc(obj)
             except Exception:
                 data = enc(obj)
-        if type(data) is bytes and len(data) <= fast_inline and PUSH(c.tx_addr, id(data) + OFF, len(data)) == 0:
+        if c.push_b(data) == 0:
             return
         slow(obj, data, None, blocking=False)
     try_send.__doc__ = Sender.try_send.__doc__
@@ -525,14 +522,16 @@ def _make_send(c: _Chan, blocking: bool):
 
 
 def _make_poll(c: _Chan):
-    POP, EMPTY, AMASK, LSHIFT = _POP, _EMPTY, R.AREA_MASK, R.LEN_SHIFT
-    scratch, area, slow, rx0 = c.scratch, c.area, c.recv, c.rx0
+    EMPTY, AMASK, LSHIFT = _EMPTY, R.AREA_MASK, R.LEN_SHIFT
+    scratch, area, slow, rx0, kind, dec = c.scratch, c.area, c.recv, c.rx0, c.kind, c.decode
 
     def poll(nothing):
-        r = POP(c.rx_addr)
+        r = c.pop_b(kind)
+        if type(r) is bytes:
+            return dec(kind, r)
         if r >= 0:
             off = ((r >> 8) & AMASK) * area
-            return c.decode(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
+            return dec(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
         if r == EMPTY:              # no exception to make and catch: ~0.2 us instead of ~1.4
             return nothing
         try:
@@ -543,51 +542,50 @@ def _make_poll(c: _Chan):
 
 
 def _make_recv(c: _Chan, blocking: bool):
-    POP, POP_SPIN, EMPTY, SHORT = _POP, _POP_SPIN_GIL, _EMPTY, _SHORT
     scratch, area, kind, fdec = c.scratch, c.area, c.kind, c.fast_decode
-    cdec, slow, rx0 = c.codec.decode, c.recv, c.rx0
+    cdec, dec, slow, rx0 = c.codec.decode, c.decode, c.recv, c.rx0
     AMASK, LSHIFT = R.AREA_MASK, R.LEN_SHIFT
 
     if not blocking:
         def try_recv():
-            r = POP(c.rx_addr)
+            r = c.pop_b(kind)
+            if type(r) is bytes:
+                return dec(kind, r)
             if r >= 0:
                 off = ((r >> 8) & AMASK) * area
-                return c.decode(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
+                return dec(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
             return slow(rx0, r, None, blocking=False)
         try_recv.__doc__ = Receiver.try_recv.__doc__
         return try_recv
 
     # One closure per codec, so the common case takes no branch it does not need.
+    # ``pop_b_spin`` returns the message as bytes when it is inline and of
+    # this codec's kind; otherwise pop_at's int (another kind in a receive
+    # area, a blob, or a status for the general path).
     if c.raw:
         def recv(timeout=None):
             if timeout is not None and not timeout >= 0:     # negative or NaN, even when it would not wait
                 raise ValueError("timeout must be a non-negative number of seconds (or None)")
-            r = POP(c.rx_addr)
-            if r == EMPTY:
-                r = POP_SPIN(c.rx_addr, SHORT)
+            r = c.pop_b_spin(kind)
+            if type(r) is bytes:
+                return r
             if r >= 0:
                 off = ((r >> 8) & AMASK) * area
-                if (r & 0xFF) == kind:
-                    return scratch[off:off + (r >> LSHIFT)]
                 return cdec(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
             return slow(rx0, r, deadline_of(timeout))
     else:
         def recv(timeout=None):
             if timeout is not None and not timeout >= 0:     # negative or NaN, even when it would not wait
                 raise ValueError("timeout must be a non-negative number of seconds (or None)")
-            r = POP(c.rx_addr)
-            if r == EMPTY:
-                r = POP_SPIN(c.rx_addr, SHORT)
+            r = c.pop_b_spin(kind)
+            if type(r) is bytes:
+                try:
+                    return fdec(r)
+                except Exception:
+                    return cdec(kind, r)        # raises the codec's DecodeError
             if r >= 0:
                 off = ((r >> 8) & AMASK) * area
-                buf = scratch[off:off + (r >> LSHIFT)]
-                if (r & 0xFF) == kind:
-                    try:
-                        return fdec(buf)
-                    except Exception:
-                        pass                    # decode() raises the codec's DecodeError
-                return cdec(r & 0xFF, buf)
+                return cdec(r & 0xFF, scratch[off:off + (r >> LSHIFT)])
             return slow(rx0, r, deadline_of(timeout))
     recv.__doc__ = Receiver.recv.__doc__
     return recv
