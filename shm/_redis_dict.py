@@ -34,7 +34,12 @@ to the same loop for what the script does not take (past int64, a
 
 **Retries**: every script that is not idempotent runs through ``once``
 with a per-thread sequence number (``shm/_redis.py``), so an ``incr`` or a
-``pop`` retried after a dropped connection is applied once.
+``pop`` retried after a dropped connection is applied once. ``incr``'s int
+path is the one hot enough to be tuned: its script runs without the
+prelude, and its command is packed once per thread (the sha, keys and op
+field) and sent straight on a pooled connection (``Backend.run_packed``),
+so that it costs the client less than redis-py's own ``hincrby`` and pays
+for the script's extra server time (issue 7: ``python -m bench redis``).
 
 **Reads go to the server every time.** The local dict serves repeated reads
 from a per-handle cache validated by the shard's version in shared memory;
@@ -58,7 +63,7 @@ from collections.abc import ItemsView, Mapping, MutableMapping, ValuesView
 from dataclasses import dataclass
 
 from ._keys import decode_key, encode_key
-from ._redis import HandleBase, new_member
+from ._redis import HandleBase, bulk, new_member
 from .codec import get_codec
 from .errors import Closed, CorruptSegment, DecodeError, SegmentExists
 from .segment import check_name, new_name
@@ -117,14 +122,21 @@ end)
 """
 
 # The common case on its own: an int delta, default 0. KEYS: h, ops; ARGV: op field, seq, key, delta
-# -> the new value (as text) | false: not an int there (or past int64): INCR does the rest
+# -> the new value (an integer, or text past 2^53) | false: not an int there (or past int64): INCR
+# does the rest. once_s written out, and run without the prelude: the prelude builds its closures
+# and tables on every call, and a call this small notices (~1 us of the server's time). Its reply
+# is kept as once_s keeps it (NUL, seq, a space, text), so a replay returns it as text.
 INCR_INT = """
-return once_s(KEYS[2], ARGV[1], ARGV[2], function()
-  local r = redis.pcall('HINCRBY', KEYS[1], ARGV[3], ARGV[4])
-  if type(r) == 'table' then return false end
-  if r > -9007199254740992 and r < 9007199254740992 then return string.format('%d', r) end
-  return redis.call('HGET', KEYS[1], ARGV[3])
-end)
+local tag = '\\0' .. ARGV[2] .. ' '
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
+if prev and string.sub(prev, 1, #tag) == tag then return string.sub(prev, #tag + 1) end
+local r = redis.pcall('HINCRBY', KEYS[1], ARGV[3], ARGV[4])
+if type(r) == 'table' then return false end
+local s
+if r > -9007199254740992 and r < 9007199254740992 then s = string.format('%d', r)
+else s = redis.call('HGET', KEYS[1], ARGV[3]); r = s end
+redis.call('HSET', KEYS[2], ARGV[1], tag .. s)
+return r
 """
 
 # KEYS: h, ops; ARGV: op field, seq, key, expected ('' = absent), flag ('1': expected given), new -> 1/0
@@ -234,6 +246,7 @@ class RedisDict(MutableMapping):
         self._b = self._h._b
         self._hkey = self._h._base + ":h"
         self._ops = self._h._ops
+        self._heads = {}            # op field -> the start of incr's pre-packed command
         self._closed = False
 
     # -- values ------------------------------------------------------------------
@@ -401,7 +414,11 @@ class RedisDict(MutableMapping):
         kb = encode_key(key)
         td = type(delta)
         if td is int and default == 0 and type(default) is int and _I64_MIN <= delta <= _I64_MAX:
-            r = self._once(INCR_INT, [kb, delta], "an incr")
+            field, seq = self._h._op()
+            head = self._heads.get(field)
+            if head is None:
+                head = self._heads[field] = self._b.packed_head(INCR_INT, 4, [self._hkey, self._ops], [field])
+            r = self._b.run_packed(head + bulk(seq.encode()) + bulk(kb) + bulk(b"%d" % delta), INCR_INT, "an incr")
             if r is not None:
                 return int(r)
         if (td is int and _I64_MIN <= delta <= _I64_MAX or td is float) and type(default) in (int, float) and \

@@ -286,6 +286,40 @@ def test_retried_operations_are_applied_once(ns, monkeypatch):
     tx.close(); rx.close(); d.close()
 
 
+def test_incr_whose_reply_was_lost_after_the_server_applied_it_counts_once(ns, monkeypatch):
+    # incr's int path sends a pre-packed EVALSHA on a pooled connection (Backend.run_packed): here
+    # the server runs it, then the connection drops before the reply is read; the retry sends the
+    # same bytes (same sequence number) and gets the stored reply instead of adding again.
+    import redis
+    d = ns.SharedDict()
+    assert d.incr("n") == 1
+    cls = ns._backend.client().connection_pool.connection_class
+    real = cls.read_response
+    lost = []
+
+    def read_then_lose(self, *a, **k):
+        r = real(self, *a, **k)
+        if not lost:
+            lost.append(r)
+            self.disconnect()
+            raise redis.exceptions.ConnectionError("the reply was lost (test)")
+        return r
+    monkeypatch.setattr(cls, "read_response", read_then_lose)
+    assert d.incr("n", 5) == 6
+    monkeypatch.undo()
+    assert lost == [6] and d["n"] == 6          # applied by the server once, its reply lost once
+    assert d.incr("n", -2) == 4 and d["n"] == 4
+    ns._backend.client().script_flush()         # as after a server restart: loaded again, applied once
+    assert d.incr("n") == 5 and d["n"] == 5
+    d["big"] = 2**60                            # past 2^53 (Lua's doubles): the reply comes back as text
+    assert d.incr("big") == 2**60 + 1 and d["big"] == 2**60 + 1
+    monkeypatch.setattr(d._h, "_op", lambda: ("retry-test", "7"))
+    assert d.incr("big", 2) == 2**60 + 3 and d.incr("big", 2) == 2**60 + 3     # a replay, past 2^53
+    monkeypatch.undo()
+    assert d["big"] == 2**60 + 3
+    d.close()
+
+
 def test_lost_reply_of_a_read_is_read_again(ns):
     tx, rx = ns.unbounded()
     tx.send_many(["x", "y"])
