@@ -12,7 +12,7 @@ process in the way.
 
 See README.md for the tour.
 """
-from .channel import ChannelStats, Receiver, Sender, bounded, rendezvous, unbounded
+from .channel import ChannelStats, MessageView, Receiver, Sender, bounded, rendezvous, unbounded
 from .queues import JoinableQueue, Queue, SimpleQueue
 from ._select import select, select_async
 from .errors import (AccessDenied, BrokenBarrier, Closed, CorruptSegment, DecodeError, Disconnected, Empty, EncodeError, Full,
@@ -57,7 +57,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'shm' has no attribute {name!r}")
 
 __all__ = [*_SYNC, "BrokenBarrier",
-    "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats",
+    "bounded", "unbounded", "rendezvous", "Sender", "Receiver", "ChannelStats", "MessageView",
     "Queue", "SimpleQueue", "JoinableQueue", "SharedDict", "DictStats",
     "ShmError", "Empty", "Full", "Disconnected", "Closed", "EncodeError", "DecodeError",
     "MessageTooLarge", "SegmentError", "SegmentNotFound", "SegmentExists", "IncompatibleSegment",

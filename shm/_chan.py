@@ -53,6 +53,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import functools
+import math
 import mmap
 from itertools import accumulate, islice
 import os
@@ -73,7 +74,7 @@ from ._builtin import bind
 from ._registry import Registry
 import msgpack
 
-from .codec import K_MSGPACK, get_codec
+from .codec import K_MSGPACK, K_NDARRAY, K_RAW, get_codec, ndarray_header
 from .errors import (Closed, CorruptSegment, DecodeError, Disconnected, Empty, Full,
                      IncompatibleSegment, OutOfSharedMemory, SegmentExists, SegmentNotFound, ShmError)
 from .segment import Segment, check_name, new_name, unlink_name
@@ -243,6 +244,103 @@ class _Ring:
         self.invalidate()
         if self.own:
             self.seg.close()
+
+
+class _Loan:
+    """A blob message lent in place: its slot stays claimed (READING, ours)
+    and its ring pinned until ``release()``, which the garbage collector
+    calls once the ``MessageView`` and every array made from it are gone.
+
+    Arrays made from the view have this object as their ``base`` (numpy's
+    ``__array_interface__``), which is how their lifetime keeps the loan.
+    ``_arr`` is numpy's view of the blob mapping: it keeps the mapping
+    alive even if the channel is closed meanwhile (``Segment.close``).
+    A process killed while holding loans is a consumer killed mid-read:
+    the survivors' recovery releases its slots (``kernels/ring.py``).
+    """
+
+    __slots__ = ("__array_interface__", "_arr", "_chan", "_ring", "_daddr", "_pos", "_n", "_done", "__weakref__")
+
+    def __init__(self, chan: "_Chan", ring: "_Ring", daddr: int, pos: int, arr: np.ndarray):
+        self._arr = arr
+        self.__array_interface__ = arr.__array_interface__
+        self._chan, self._ring, self._daddr, self._pos, self._n = chan, ring, daddr, pos, arr.nbytes
+        self._done = False
+
+    def release(self, locks: bool = True) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            # A closed channel's descriptors answer CLOSED: nothing is touched.
+            self._chan._after_blob_read(self._ring, self._daddr, self._pos, self._n, locks)
+        finally:
+            _UNPIN(self._daddr)
+
+    def __del__(self):
+        try:
+            self.release(locks=False)
+        except Exception:
+            pass        # at interpreter exit the modules may be gone; the segments go with the channel
+
+
+class MessageView:
+    """A received message read in place (``Receiver.recv_view``).
+
+    ``value`` is a read-only numpy array over the message where it lies in
+    shared memory when the message is raw bytes (``codec="bytes"``: a
+    ``uint8`` array) or an array (``codec="numpy"``: its dtype and shape);
+    any other message is decoded as ``recv`` would, and small messages
+    (inline in the ring) are copied anyway, both cheaply. ``np.asarray(view)``
+    and ``bytes(view)`` work too.
+
+    A lent message keeps its ring slot until the view is released: by
+    ``release()``, by leaving a ``with`` block, or when the view and every
+    array made from it are garbage. Meanwhile producers cannot reuse that
+    slot (a channel of capacity ``n`` holds at most ``n`` unreleased views
+    before senders block). After ``release()``, an array you kept may be
+    overwritten by the next message: copy what you keep.
+    """
+
+    __slots__ = ("value", "_loan")
+
+    def __init__(self, value, loan: _Loan | None = None):
+        self._loan = loan
+        self.value = np.asarray(loan) if loan is not None else value
+
+    @property
+    def lent(self) -> bool:
+        """Whether the message is read in place in shared memory (and holds its slot until released)."""
+        return self._loan is not None
+
+    def release(self) -> None:
+        """Give the slot back now; the view's arrays may then be overwritten."""
+        loan, self._loan = self._loan, None
+        if loan is not None:
+            loan.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.value if isinstance(self.value, np.ndarray) else np.asarray(self.value)
+        return a if dtype is None else a.astype(dtype)
+
+    def __bytes__(self) -> bytes:
+        v = self.value
+        return v.tobytes() if isinstance(v, np.ndarray) else bytes(v)
+
+    def __len__(self) -> int:
+        v = self.value
+        return v.nbytes if isinstance(v, np.ndarray) else len(v)
+
+    def __repr__(self):
+        v = self.value
+        what = f"array {v.dtype} {v.shape}" if isinstance(v, np.ndarray) else type(v).__name__
+        return f"<MessageView {what}{', lent' if self._loan is not None else ''}>"
 
 
 def _not_inline(data) -> int:
@@ -826,12 +924,15 @@ class _Chan:
     def _blob_name(self, gen: int, slot: int, bgen: int) -> str:
         return f"{self.family}r{gen:x}s{slot:x}b{bgen:x}"
 
-    def _unlink_blob(self, gen, slot, bgen, bcap) -> None:
+    def _unlink_blob(self, gen, slot, bgen, bcap, locks: bool = True) -> None:
         if unlink_name(self._blob_name(gen, slot, bgen)):
             W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, -bcap)
             W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, -1)
-        with self.blob_lock:
-            old = self.blobs.pop((gen, slot), None)
+        if locks:
+            with self.blob_lock:
+                old = self.blobs.pop((gen, slot), None)
+        else:
+            old = self.blobs.pop((gen, slot), None)     # one dict operation: atomic under the GIL
         if old is not None:
             old[1].close()
 
@@ -933,12 +1034,19 @@ class _Chan:
             raise Closed(f"channel {self.name!r} was closed while this message was being sent; "
                          "it was not sent")
 
-    def _read_blob(self, ring: _Ring, pos: int, meta: int):
-        """Decode the blob message of the claimed slot ``pos``, then release the slot."""
+    def _read_blob(self, ring: _Ring, pos: int, meta: int, lend: int = 0):
+        """Decode the blob message of the claimed slot ``pos``, then release the slot.
+
+        ``lend`` (the receiving descriptor's address): return a MessageView;
+        raw bytes and arrays are lent in place (the slot stays claimed and
+        the ring pinned until the view is released, see ``_Loan``), anything
+        else is decoded as usual.
+        """
         addr = ring.rx_addr
         slot = pos % ring.cap
         n = meta & L.META_LEN_MASK
         kind = (meta >> L.META_KIND_SHIFT) & 0xFF
+        lent = False
         try:
             info = _SLOT_BLOB(addr, pos)
             bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
@@ -947,6 +1055,17 @@ class _Chan:
             have = self.blobs.get((ring.gen, slot))
             seg = have[1] if have is not None and have[0] == bgen else self._blob_seg(ring.gen, slot, bgen)
             a, b = L.BLOB_DATA, L.BLOB_DATA + n
+            if lend:
+                arr = self._lendable(seg, kind, a, n)
+                if arr is None:
+                    v = memoryview(seg.mm)[a:b]
+                    try:
+                        value = self.codec.decode(kind, v)
+                    finally:
+                        v.release()
+                    return MessageView(np.frombuffer(value, np.uint8) if type(value) is bytes else value)
+                lent = True
+                return MessageView(None, _Loan(self, ring, lend, pos, arr))
             if kind == self.kind and self.raw:
                 return seg.mm[a:b]                      # one copy, straight into a new bytes
             view = memoryview(seg.mm)[a:b]
@@ -957,20 +1076,49 @@ class _Chan:
         except (SegmentNotFound, CorruptSegment) as e:
             raise DecodeError(f"a large message on channel {self.name!r} was lost: {e}") from None
         finally:
-            self._blob_reads += 1
+            if not lent:        # else the loan releases the slot (and its blob, if need be)
+                self._after_blob_read(ring, addr, pos, n)
+
+    def _after_blob_read(self, ring: _Ring, addr: int, pos: int, n: int, locks: bool = True) -> None:
+        """Release the slot of a blob message read; drop its blob if it will not be reused.
+
+        ``locks=False`` (a loan released by the garbage collector, which may
+        run while this very thread holds ``blob_lock``): no lock is taken and
+        the budget is left to the next ordinary read.
+        """
+        if self.closed:
+            return      # a loan outliving its channel: the slot went with it (close() recovered it)
+        slot = pos % ring.cap
+        self._blob_reads += 1
+        try:
+            # Keep the blob for the next message through this slot, unless the
+            # ring is sealed (never reused) or the channel holds too much
+            # (checked every 64 reads, and for every blob of 1 MiB or more).
+            sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)
+            if sealed or (locks and (not self._blob_reads & 63 or n >= 1 << 20)
+                          and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
+                info = _SLOT_BLOB(addr, pos)
+                if info:
+                    _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
+                    self._unlink_blob(ring.gen, slot, info >> 8, 1 << (info & 0xFF), locks)
+        finally:
+            _RELEASE(addr, pos)
+
+    def _lendable(self, seg: Segment, kind: int, a: int, n: int):
+        """A read-only array over a blob message that can be lent in place, else None."""
+        if kind == K_RAW:
+            arr = np.frombuffer(seg.mm, np.uint8, n, a)
+        elif kind == K_NDARRAY:
+            v = memoryview(seg.mm)[a:a + n]
             try:
-                # Keep the blob for the next message through this slot, unless the
-                # ring is sealed (never reused) or the channel holds too much
-                # (checked every 64 reads, and for every blob of 1 MiB or more).
-                if (self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)) or (
-                        (not self._blob_reads & 63 or n >= 1 << 20)
-                        and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
-                    info = _SLOT_BLOB(addr, pos)
-                    if info:
-                        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
-                        self._unlink_blob(ring.gen, slot, info >> 8, 1 << (info & 0xFF))
+                dtype, shape, off = ndarray_header(v)
             finally:
-                _RELEASE(addr, pos)
+                v.release()
+            arr = np.frombuffer(seg.mm, dtype, math.prod(shape), a + off).reshape(shape)
+        else:
+            return None
+        arr.flags.writeable = False
+        return arr
 
     # ------------------------------------------------------------------
     # Sending.
@@ -1158,8 +1306,12 @@ class _Chan:
                 st = self.rx_states.setdefault(ident, _Rx(self, primary=False))
         return st
 
-    def recv(self, st: _Rx, r, deadline, blocking=True):
-        """The slow path of a receive, given the fast path's first result (or None)."""
+    def recv(self, st: _Rx, r, deadline, blocking=True, view=False):
+        """The slow path of a receive, given the fast path's first result (or None).
+
+        ``view``: return a ``MessageView`` (``Receiver.recv_view``): a blob
+        message stays in its blob, lent to the caller.
+        """
         rendezvous = self.flavor == L.FLAVOR_RENDEZVOUS and blocking
         if rendezvous:
             self._begin_wait(R.SIDE_RX)
@@ -1173,9 +1325,10 @@ class _Chan:
                     r = _POP(st.addr(self.rxr))
                     continue
                 if r >= 0:
-                    return self.decode_area(st, r)
+                    v = self.decode_area(st, r)
+                    return MessageView(np.frombuffer(v, np.uint8) if type(v) is bytes else v) if view else v
                 if r <= R.BLOB_AREA:
-                    return self._decode_blob_area(st, r)
+                    return self._decode_blob_area(st, r, view)
                 if r == R.EMPTY:
                     if not blocking:
                         if not checked and self._maybe_check_peers():
@@ -1235,17 +1388,24 @@ class _Chan:
                     pass        # decode() raises the codec's DecodeError
         return self.codec.decode(kind, buf)
 
-    def _decode_blob_area(self, st: _Rx, r):
+    def _decode_blob_area(self, st: _Rx, r, view=False):
         pos, meta, gen = _THREE_WORDS.unpack_from(st.scratch, (R.BLOB_AREA - r) * self.area)
         # The ring it came from, not self.rxr (another thread may have moved on);
         # pop_at pinned it, so it is still mapped here.
         ring = self.rings.get(gen) or self.ring(gen)
         if ring is None:
             raise DecodeError(f"a large message on channel {self.name!r} was lost: its ring is gone")
+        daddr = st.addr(ring)
+        lent = False
         try:
+            if view:
+                v = self._read_blob(ring, pos, meta, lend=daddr)
+                lent = v.lent
+                return v
             return self._read_blob(ring, pos, meta)
         finally:
-            _UNPIN(st.addr(ring))
+            if not lent:
+                _UNPIN(daddr)
 
     def recv_many(self, max_items: int, deadline, blocking=True) -> list:
         """Up to ``max_items`` messages: waits for the first, then takes what is queued."""

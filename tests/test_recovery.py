@@ -139,11 +139,11 @@ def test_blob_is_read_from_the_ring_it_was_popped_from():
     popped, go = threading.Event(), threading.Event()
     orig = _chan._Chan._decode_blob_area
 
-    def paused(self, st, r):
+    def paused(self, st, r, *more):
         if threading.current_thread().name == "A":
             popped.set()
             go.wait()
-        return orig(self, st, r)
+        return orig(self, st, r, *more)
 
     res = {}
     _chan._Chan._decode_blob_area = paused
