@@ -40,6 +40,17 @@ _new.argtypes = [ctypes.c_void_p, ctypes.py_object, ctypes.py_object]
 _DEFS: dict[int, _MethodDef] = {}
 
 
+def _bytes_offset() -> int:
+    b = b"shm probe"
+    off = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value - id(b)
+    if ctypes.string_at(id(b) + off, len(b)) != b:
+        raise RuntimeError("cannot locate the buffer of a bytes object")
+    return off
+
+
+BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes object's data
+
+
 def _check_array_layout() -> None:
     a = np.arange(4, dtype=np.int64)
     if ctypes.c_int64.from_address(id(a) + P.ARRAY_DATA_OFF).value != a.ctypes.data:

@@ -51,7 +51,6 @@ still out (a pickled handle not yet unpickled, whose lender lives).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import functools
 import math
 import mmap
@@ -70,7 +69,8 @@ from kernels import ring as R
 from kernels import words as W
 
 from . import _liveness, _wait
-from ._builtin import bind
+from . import _bigcopy
+from ._builtin import BYTES_OFF, bind
 from ._registry import Registry
 import msgpack
 
@@ -121,15 +121,6 @@ _UNPIN = _entry(R.unpin_at)
 _CANCEL = _entry(R.rendezvous_cancel_at)
 
 
-def _bytes_offset() -> int:
-    b = b"shm probe"
-    off = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value - id(b)
-    if ctypes.string_at(id(b) + off, len(b)) != b:
-        raise RuntimeError("cannot locate the buffer of a bytes object")
-    return off
-
-
-BYTES_OFF = _bytes_offset()     # id(b) + BYTES_OFF is the address of a bytes object's data
 
 DEFAULT_SLOT = 512            # 480 bytes inline: most dict-shaped messages fit
 MAX_SLOT = 1 << 20
@@ -943,7 +934,8 @@ class _Chan:
             have = self.blobs.get(key)
             if have is not None and have[0] == bgen:
                 return have[1]
-        seg = Segment.attach(self._blob_name(gen, slot, bgen), kind=L.KIND_BLOB, what="message blob")
+        seg = Segment.attach(self._blob_name(gen, slot, bgen), kind=L.KIND_BLOB, what="message blob",
+                             populate=False)
         p = seg.params
         if p[L.PB_GEN] != gen or p[L.PB_SLOT] != slot or p[L.PB_BLOBGEN] != bgen \
                 or L.BLOB_DATA + p[L.PB_CAPACITY] > seg.size:
@@ -1003,6 +995,20 @@ class _Chan:
         self._keep_blob((ring.gen, slot), bgen, seg)
         return seg
 
+    @staticmethod
+    def _copy_parts(seg: Segment, parts) -> None:
+        at = seg.addr + L.BLOB_DATA
+        for part in parts:
+            if type(part) is bytes:
+                m = len(part)
+                _COPY(at, id(part) + BYTES_OFF, m)
+            else:
+                a = part if isinstance(part, np.ndarray) else np.frombuffer(part, np.uint8)
+                a = a.reshape(-1).view(np.uint8)
+                m = a.shape[0]
+                seg.u8[at - seg.addr:at - seg.addr + m] = a
+            at += m
+
     def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int) -> None:
         """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure.
 
@@ -1013,18 +1019,7 @@ class _Chan:
         try:
             if self.closed:
                 raise Closed(f"channel {self.name!r} was closed in this process")
-            seg = self._blob_for_write(ring, pos, n)
-            at = seg.addr + L.BLOB_DATA
-            for part in parts:
-                if type(part) is bytes:
-                    m = len(part)
-                    _COPY(at, id(part) + BYTES_OFF, m)
-                else:
-                    a = part if isinstance(part, np.ndarray) else np.frombuffer(part, np.uint8)
-                    a = a.reshape(-1).view(np.uint8)
-                    m = a.shape[0]
-                    seg.u8[at - seg.addr:at - seg.addr + m] = a
-                at += m
+            self._copy_parts(self._blob_for_write(ring, pos, n), parts)
         except BaseException:
             _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
             raise
@@ -1067,7 +1062,7 @@ class _Chan:
                 lent = True
                 return MessageView(None, _Loan(self, ring, lend, pos, arr))
             if kind == self.kind and self.raw:
-                return seg.mm[a:b]                      # one copy, straight into a new bytes
+                return _bigcopy.to_bytes(seg, a, n)     # one copy, straight into a new bytes
             view = memoryview(seg.mm)[a:b]
             try:
                 return self.codec.decode(kind, view)    # msgpack/pickle/arrays read in place

@@ -243,8 +243,12 @@ class Segment:
 
     # ------------------------------------------------------------------
     @classmethod
-    def attach(cls, name: str, *, kind: int | None = None, what: str = "segment") -> "Segment":
+    def attach(cls, name: str, *, kind: int | None = None, what: str = "segment",
+               populate: bool = True) -> "Segment":
         """Map an existing segment and validate its header.
+
+        ``populate=False``: fault its pages in as they are touched, not now
+        (a large message read in place, or copied out on two threads).
 
         Raises ``SegmentNotFound``, ``AccessDenied`` (another user's),
         ``IncompatibleSegment`` (not ours, or
@@ -262,7 +266,7 @@ class Segment:
         fd = shm.fd
         try:
             size = _wait_for_size(fd, name, what)
-            mm = _map(fd, size)
+            mm = _map(fd, size, populate)
         finally:
             os.close(fd)
         seg = cls(name, mm, size)
@@ -368,9 +372,9 @@ class Segment:
         return f"<Segment {self.name!r} {L.KIND_NAMES.get(self.kind, self.kind)} {state}>"
 
 
-def _map(fd: int, size: int) -> mmap.mmap:
+def _map(fd: int, size: int, populate: bool = True) -> mmap.mmap:
     flags = mmap.MAP_SHARED
-    if size >= _POPULATE_MIN:
+    if populate and size >= _POPULATE_MIN:
         flags |= _MAP_POPULATE
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 

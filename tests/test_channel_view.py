@@ -166,3 +166,15 @@ def test_another_process_reads_arrays_in_place():
     assert p.exitcode == 0
     tx.close()
     rx.close()
+
+
+def test_large_bytes_copied_out_on_two_threads_are_exact():
+    """recv of a message of _bigcopy.BIG bytes or more: a new bytes filled by two threads."""
+    from shm import _bigcopy
+    data = np.random.default_rng(7).integers(0, 256, _bigcopy.BIG + 12345, dtype=np.uint8).tobytes()
+    with channel(2, "bytes") as (tx, rx):
+        tx.send(data)
+        got = rx.recv(timeout=30)
+        assert type(got) is bytes and got == data
+        tx.send(data[:-1])
+        assert rx.recv(timeout=30) == data[:-1]
