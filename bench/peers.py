@@ -162,9 +162,10 @@ class Peer:
 class _ShmEnd(SharedEndpoint):
     leak_is_bug = True
 
-    def __init__(self, spec, codec, slot_size):
+    def __init__(self, spec, codec, slot_size, zero_copy=False):
         super().__init__(spec)
         import shm
+        self.zero_copy = zero_copy
         self.tx, self.rx = shm.bounded(spec.cap, codec=codec, slot_size=slot_size)
         self.shm_prefixes = (self.tx.name,)
 
@@ -186,6 +187,17 @@ class _ShmEnd(SharedEndpoint):
         r = Rx()
         rx = self.rx
         r.recv = rx.recv
+        if self.zero_copy:
+            view = rx.recv_view
+
+            def recv():
+                # Like iceoryx2's zero-copy read: take the message in place,
+                # note its length, give the slot back.
+                v = view()
+                n = len(v)
+                v.release()
+                return n
+            r.recv = recv
         r.recv_many = functools.partial(rx.recv_many, BATCH)
         r.close = rx.close
         r.handle = rx
@@ -197,9 +209,10 @@ class ShmPeer(Peer):
     name = "shm"
     batched = True
 
-    def __init__(self, codec=None, slot_size=None, key=None, name=None, note=""):
+    def __init__(self, codec=None, slot_size=None, key=None, name=None, note="", zero_copy=False):
         self.codec = codec
         self.slot_size = slot_size
+        self.zero_copy = zero_copy
         if key:
             self.key = key
         if name:
@@ -211,7 +224,7 @@ class ShmPeer(Peer):
 
     def endpoint(self, spec):
         codec = self.codec or ("msgpack" if spec.objects else "bytes")
-        return _ShmEnd(spec, codec, self.slot_size)
+        return _ShmEnd(spec, codec, self.slot_size, self.zero_copy)
 
 
 # --------------------------------------------------------------------------

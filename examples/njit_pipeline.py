@@ -13,21 +13,27 @@ import numba
 import numpy as np
 
 import shm
-from kernels import atomics, ring
+from kernels import ring
 
 
 @numba.njit
 def produce(d, n):
     msg = np.zeros(64, np.uint8)
     i = 0
+    misses = 0
     while i < n:
         for k in range(8):
             msg[k] = (i >> (8 * k)) & 0xFF
         r = ring.try_push(d, msg, 64)
         if r == ring.OK:
             i += 1
+            misses = 0
         elif r == ring.FULL:
-            atomics.pause()
+            # Wait ~64 pauses before retrying (then yield the CPU after 6
+            # misses): retrying at once pulls the slot's cache line away
+            # from the consumer about to free it.
+            misses += 1
+            ring.backoff(6 if misses < 6 else 7)
         else:
             return r                # DISCONNECTED: nobody left to receive
     return 0
@@ -38,6 +44,7 @@ def consume(d, n):
     buf = np.zeros(256, np.uint8)
     total = 0
     got = 0
+    misses = 0
     while got < n:
         r = ring.try_pop(d, buf)
         if r >= 0:
@@ -46,8 +53,10 @@ def consume(d, n):
                 v |= np.int64(buf[k]) << (8 * k)
             total += v
             got += 1
+            misses = 0
         elif r == ring.EMPTY:
-            atomics.pause()
+            misses += 1
+            ring.backoff(6 if misses < 6 else 7)
         else:
             return -1
     return total
