@@ -924,8 +924,30 @@ def limits(cases, bd, bdl) -> list[str]:
             f"@njit: {nj / 1e6:.2f} M/s is {1e9 / nj:.0f} ns per message across two processes, against "
             f"{kp:.0f} ns (push) and {kq:.0f} ns (pop) with both ends in one process and the ring in L1; "
             f"{side}.{spread}")
+    g1, g1zc = med("m1", "shm", "gbps"), med("m1", "shm-zc", "gbps")
+    i1, i1zc = med("m1", "iceoryx2", "gbps"), med("m1", "iceoryx2-zc", "gbps")
+    if bdl and g1zc and i1zc and (g1zc < i1zc or (g1 and i1 and g1 < i1)):
+        sw1 = next((v for k, v in bdl.items() if k.startswith("1 MiB send, later")), None)
+        row = cases["m1"].rows.get("shm")
+        lo, hi = row.span("gbps") if row is not None and row.samples else (None, None)
+        irow = cases["m1"].rows.get("iceoryx2")
+        ilo, ihi = irow.span("gbps") if irow is not None and irow.samples else (None, None)
+        out.append(
+            f"1 MiB: with `recv_view` the consumer copies nothing, so {g1zc:.1f} GB/s "
+            f"({1e6 / (g1zc * 1e9 / MiB):.0f} us a message) is the producer's send: the copy into the "
+            "slot's blob plus the Python send path" +
+            (f" (in one process, with the blob in cache, a send takes {sw1[0] * 1e3:.0f} us, {sw1[1]:.0f} GB/s)"
+             if sw1 else "") +
+            ". Each of the 16 slots has its own 1 MiB blob, so the producer writes round a 16 MiB circle of "
+            "destinations; iceoryx2 hands out the most recently freed sample first, so its writes stay in "
+            f"cache ({i1zc:.1f} GB/s). Matching it means a pool of blobs reused most-recently-freed first "
+            "instead of a blob per slot (not done)." +
+            (f" With a copy into bytes on the consumer, runs spread widely for both shm ({lo:.1f}-{hi:.1f} "
+             f"GB/s) and iceoryx2 ({ilo:.1f}-{ihi:.1f}): each message is a new 1 MiB bytes object, and its "
+             "cost depends on where malloc finds the memory." if lo and ilo else ""))
     m64, iox = med("m64", "shm", "ms"), med("m64", "iceoryx2", "ms")
-    if bdl and m64 and not (iox and m64 * 2 <= iox):
+    m64zc, ioxzc = med("m64", "shm-zc", "ms"), med("m64", "iceoryx2-zc", "ms")
+    if bdl and m64 and not (iox and m64 * 2 <= iox and (not m64zc or not ioxzc or m64zc * 2 <= ioxzc)):
         sc = next((v for k, v in bdl.items() if k.startswith("64 MiB send, first")), None)
         rc = next((v for k, v in bdl.items() if k.startswith("64 MiB recv, first")), None)
         sw = next((v for k, v in bdl.items() if k.startswith("64 MiB send, later")), None)
@@ -933,10 +955,18 @@ def limits(cases, bd, bdl) -> list[str]:
         if sc and rc and sw and bb:
             out.append(
                 f"One 64 MiB message: {m64:.0f} ms end to end" + (f" (iceoryx2 {iox:.0f} ms)" if iox else "") +
-                f". In one process the first send takes {sc[0]:.0f} ms (it creates and faults in the slot's "
-                f"64 MiB blob; a later send into the same blob takes {sw[0]:.0f} ms) and the first recv "
-                f"{rc[0]:.0f} ms, of which a new 64 MiB bytes object alone costs ~{bb[0]:.0f} ms. A cold message "
-                "pays for fresh shared pages on both sides plus the copy into bytes.")
+                (f", {m64zc:.0f} ms with `recv_view` (iceoryx2's zero-copy read {ioxzc:.0f} ms)"
+                 if m64zc and ioxzc else "") +
+                f". In one process the first send takes {sc[0]:.0f} ms: it creates the slot's 64 MiB blob, "
+                "whose pages are reserved (`posix_fallocate`, so that a full /dev/shm raises OutOfSharedMemory "
+                "instead of SIGBUS) and mapped in at about 2.4 us per 4 KiB page, serially in the kernel (two "
+                "threads reserving or pre-faulting one segment take as long: shm/_bigcopy.py); a later send "
+                f"into the same blob takes {sw[0]:.0f} ms. The first recv takes {rc[0]:.0f} ms: a new 64 MiB "
+                f"bytes object costs ~{bb[0]:.0f} ms to fill on one thread, page faults included, and recv "
+                "fills it on two. 2x iceoryx2's zero-copy read would need the whole message in "
+                f"{ioxzc / 2 if ioxzc else 0:.0f} ms, less than reserving 64 MiB of fresh shared pages costs here; "
+                "only pages kept from earlier messages (this case is cold by definition) or unreserved pages "
+                "would get there.")
     return out
 
 
@@ -1012,8 +1042,8 @@ def write_markdown(path, cases, verdicts, info, bd, bdl, prof, watch, opts, wall
         kp, kq = bd.get("kernel try_push 64 B (@njit loop)"), bd.get("kernel try_pop 64 B (@njit loop)")
         if s and r and kp and kq:
             L.append(f"So from Python, `send` spends ~{kp:.0f} ns in the ring itself and ~{s - kp:.0f} ns in "
-                     f"the interpreter and the numba call; `recv` ~{kq:.0f} ns in the ring and ~{r - kq:.0f} ns "
-                     "around it (call, decode, slicing the receive area into bytes).")
+                     f"the interpreter and the call of the builtin bound to the ring (kernels/pycall.py); `recv` "
+                     f"~{kq:.0f} ns in the ring and ~{r - kq:.0f} ns around it (the call, the new bytes object).")
             L.append("")
     lim = limits(cases, bd, bdl)
     if lim:
