@@ -44,10 +44,17 @@ _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 
 class _Memory:
-    """``n`` writable bytes at ``addr``, for numpy (no ctypes array type per length)."""
+    """The buffer of the bytes ``b``, writable, for numpy (no ctypes array type per length).
 
-    def __init__(self, addr: int, n: int):
-        self.__array_interface__ = {"data": (addr, False), "shape": (n,), "typestr": "|u1", "version": 3}
+    Holds ``b``: an array over it keeps it alive, so a copy thread still
+    running when the caller is interrupted (Ctrl-C in ``join``) never writes
+    into freed memory.
+    """
+
+    def __init__(self, b: bytes):
+        self.b = b
+        self.__array_interface__ = {"data": (id(b) + _BYTES_OFF, False), "shape": (len(b),),
+                                    "typestr": "|u1", "version": 3}
 
 
 def two_threads() -> bool:
@@ -83,7 +90,7 @@ def to_bytes(seg, off: int, n: int) -> bytes:
     if n < BIG or not two_threads():
         return seg.mm[off:off + n]
     b = _new_bytes(None, n)             # uninitialised, ours alone until returned
-    dst = np.asarray(_Memory(id(b) + _BYTES_OFF, n))
+    dst = np.asarray(_Memory(b))
     src = seg.u8
 
     def work(lo, hi):

@@ -250,18 +250,23 @@ class _Loan:
     the survivors' recovery releases its slots (``kernels/ring.py``).
     """
 
-    __slots__ = ("__array_interface__", "_arr", "_chan", "_ring", "_daddr", "_pos", "_n", "_done", "__weakref__")
+    __slots__ = ("__array_interface__", "_arr", "_chan", "_ring", "_daddr", "_pos", "_n", "_done", "_pid",
+                 "__weakref__")
 
     def __init__(self, chan: "_Chan", ring: "_Ring", daddr: int, pos: int, arr: np.ndarray):
         self._arr = arr
         self.__array_interface__ = arr.__array_interface__
         self._chan, self._ring, self._daddr, self._pos, self._n = chan, ring, daddr, pos, arr.nbytes
         self._done = False
+        self._pid = os.getpid()
+        chan.loans.add(self)
 
     def release(self, locks: bool = True) -> None:
         if self._done:
             return
         self._done = True
+        if os.getpid() != self._pid:
+            return      # a forked child's copy: the slot is the parent's to give back
         try:
             # A closed channel's descriptors answer CLOSED: nothing is touched.
             self._chan._after_blob_read(self._ring, self._daddr, self._pos, self._n, locks)
@@ -289,7 +294,9 @@ class MessageView:
     ``release()``, by leaving a ``with`` block, or when the view and every
     array made from it are garbage. Meanwhile producers cannot reuse that
     slot (a channel of capacity ``n`` holds at most ``n`` unreleased views
-    before senders block). After ``release()``, an array you kept may be
+    before senders block; a rendezvous channel, one). After ``release()``,
+    or once this process's last Receiver of the channel is closed (which
+    releases its views), an array you kept stays readable but may be
     overwritten by the next message: copy what you keep.
     """
 
@@ -448,7 +455,8 @@ class _Chan:
         self.inflight = 0                # kernel calls running without the GIL
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
-        self.blob_lock = threading.Lock()
+        self.blob_lock = threading.RLock()     # reentrant: a view released by a finaliser may need it
+        self.loans: weakref.WeakSet = weakref.WeakSet()     # this process's outstanding recv_view loans
         self.batch_lock = threading.Lock()
         self.blobs: dict[tuple[int, int], tuple[int, Segment]] = {}
         r0 = _Ring(self, 0, ctrl, False, lay["ring"], ring_cap)
@@ -579,6 +587,12 @@ class _Chan:
             if self.counts[role] > 0:
                 return
             self.pending.discard(role)
+            if role == L.ROLE_RX:
+                # Views still lent give their slots back while our descriptors
+                # can still release them (a slot left READING under an index
+                # our Sender keeps registered would never be recovered).
+                for loan in list(self.loans):
+                    loan.release()
             if self.me >= 0 and self.registry.mine(self.me):
                 self.registry.clear_role(self.me, role)
             for ring in self.rings.values():
@@ -643,7 +657,8 @@ class _Chan:
     def after_fork_child(self) -> None:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
-        self.blob_lock = threading.Lock()
+        self.blob_lock = threading.RLock()
+        self.loans = weakref.WeakSet()      # the parent's views are the parent's
         self.batch_lock = threading.Lock()
         self.rx_states = {}
         self.waiting = [0, 0]
@@ -919,11 +934,10 @@ class _Chan:
         if unlink_name(self._blob_name(gen, slot, bgen)):
             W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, -bcap)
             W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, -1)
-        if locks:
-            with self.blob_lock:
-                old = self.blobs.pop((gen, slot), None)
-        else:
-            old = self.blobs.pop((gen, slot), None)     # one dict operation: atomic under the GIL
+        if not locks:
+            return      # a finaliser: leave our mapping to the next locked pass (or close)
+        with self.blob_lock:
+            old = self.blobs.pop((gen, slot), None)
         if old is not None:
             old[1].close()
 
@@ -1059,10 +1073,22 @@ class _Chan:
                     finally:
                         v.release()
                     return MessageView(np.frombuffer(value, np.uint8) if type(value) is bytes else value)
+                loan = _Loan(self, ring, lend, pos, arr)
+                try:
+                    v = MessageView(None, loan)
+                except BaseException:
+                    loan._done = True       # our finally (and the caller's) release and unpin
+                    raise
                 lent = True
-                return MessageView(None, _Loan(self, ring, lend, pos, arr))
+                return v
             if kind == self.kind and self.raw:
-                return _bigcopy.to_bytes(seg, a, n)     # one copy, straight into a new bytes
+                if n < _bigcopy.BIG:
+                    return seg.mm[a:b]                  # one copy, straight into a new bytes
+                self.inflight += 1                      # copied without the GIL: close() waits for it
+                try:
+                    return _bigcopy.to_bytes(seg, a, n)
+                finally:
+                    self.inflight -= 1
             view = memoryview(seg.mm)[a:b]
             try:
                 return self.codec.decode(kind, view)    # msgpack/pickle/arrays read in place
@@ -1089,7 +1115,7 @@ class _Chan:
             # Keep the blob for the next message through this slot, unless the
             # ring is sealed (never reused) or the channel holds too much
             # (checked every 64 reads, and for every blob of 1 MiB or more).
-            sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2)
+            sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2) > 0    # (CLOSED is -9)
             if sealed or (locks and (not self._blob_reads & 63 or n >= 1 << 20)
                           and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
                 info = _SLOT_BLOB(addr, pos)

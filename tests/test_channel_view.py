@@ -178,3 +178,42 @@ def test_large_bytes_copied_out_on_two_threads_are_exact():
         assert type(got) is bytes and got == data
         tx.send(data[:-1])
         assert rx.recv(timeout=30) == data[:-1]
+
+
+def test_closing_the_receiver_gives_lent_slots_back():
+    """A view outstanding when this process's last Receiver closes (its Sender still open)
+    must not leave its slot READING under an index nobody will recover."""
+    tx, rx = shm.bounded(2, codec="bytes")
+    tx.send(BIG)
+    v = rx.recv_view(timeout=5)
+    rx.close()
+    v.release()
+    rx2 = shm.Receiver.open(tx.name)
+    for i in range(5):                          # more than capacity: every slot comes round again
+        tx.send(BIG[:-1] + bytes([i]), timeout=10)
+        assert rx2.recv(timeout=10)[-1] == i
+    tx.close()
+    rx2.close()
+
+
+def _drop_inherited_view(holder):
+    holder.clear()
+    gc.collect()
+    os._exit(0)
+
+
+def test_a_forked_child_dropping_an_inherited_view_does_not_release_it():
+    with channel(2, "bytes") as (tx, rx):
+        tx.send(BIG)
+        holder = [rx.recv_view(timeout=5)]
+        tx.send(BIG)
+        p = FORK.Process(target=_drop_inherited_view, args=(holder,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        with pytest.raises(shm.Full):
+            tx.send(BIG, timeout=0.2)           # still lent: the parent's view
+        holder[0].release()
+        tx.send(BIG, timeout=10)
+        assert rx.recv(timeout=10) == BIG
+        assert rx.recv(timeout=10) == BIG
