@@ -36,7 +36,7 @@ from kernels import layout as L
 from kernels import ring as R
 from kernels import words as W
 
-from . import _async, _chan, _wait
+from . import _async, _chan, _liveness, _wait
 from ._chan import BYTES_OFF, _entry
 from ._registry import PEER_CHECK, Registry
 from .channel import _deadline, bounded
@@ -91,6 +91,7 @@ class _Port:
     """One handle's attachment: the segment, its participant entry, a descriptor."""
 
     def __init__(self, seg: Segment, roles: tuple, watch: bool | None):
+        self.lent_forks: list = []      # (token, value, boot ticks) lent by before_fork, for close
         p = seg.params
         cap, slot = p[L.PC_CAPACITY], p[L.PC_SLOT]
         lay = L.broadcast_layout(cap, slot) if cap > 0 and slot > 0 else None
@@ -277,6 +278,8 @@ class _Port:
             for role in self.roles:
                 reg.clear_role(self.me, role)
             reg.unregister(self.me)
+            reg.retire_orphaned_forks(self.lent_forks)
+            self.lent_forks = []
             last = reg.claim_last_out()
         if not last:
             _WAKE(self.daddr)           # subscribers re-check: we may have been the last publisher
@@ -293,15 +296,20 @@ class _Port:
     def before_fork(self) -> None:
         self.fork_tokens = []
         if self.me >= 0 and not self.closed:
+            since = _liveness.boot_ticks()
             for role in self.roles:
                 tok = self.registry.lend(role, L.TOKEN_FORK)
                 if tok is not None:
                     self.fork_tokens.append(tok)
+                    self.lent_forks.append((*tok, since))
 
     def after_fork_parent(self) -> None:
-        self.fork_tokens = []           # the child retires them (or they expire)
+        self.fork_tokens = []           # the child retires them (or they expire, or we do at close)
+        if len(self.lent_forks) > 64:
+            self.lent_forks = [x for x in self.lent_forks if self.registry.holds(x[0], x[1])]
 
     def after_fork_child(self) -> None:
+        self.lent_forks = []            # the parent's to retire
         self.wait_lock = threading.Lock()
         self.waiting = 0
         self.d[B.D_ME] = -1

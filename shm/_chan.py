@@ -451,6 +451,7 @@ class _Chan:
         self.pending: set[int] = set()   # roles inherited across fork, not yet used
         self.sticky = False              # keep inherited roles anyway (shm.Queue)
         self.fork_tokens: list = []
+        self.lent_forks: list = []      # (token, value, boot ticks) lent by before_fork, for close
         self.waiting = [0, 0]
         self.inflight = 0                # kernel calls running without the GIL
         self.lock = threading.RLock()
@@ -644,21 +645,26 @@ class _Chan:
     def before_fork(self) -> None:
         toks = []
         if self.me >= 0 and not self.closed:
+            since = _liveness.boot_ticks()
             for role in (L.ROLE_TX, L.ROLE_RX):
                 if self.counts[role] > 0:
                     tok = self.registry.lend(role, L.TOKEN_FORK)
                     if tok is not None:
                         toks.append(tok)
+                        self.lent_forks.append((*tok, since))
         self.fork_tokens = toks
 
     def after_fork_parent(self) -> None:
-        self.fork_tokens = []     # the child retires them (or they expire)
+        self.fork_tokens = []     # the child retires them (or they expire, or we do at close)
+        if len(self.lent_forks) > 64:
+            self.lent_forks = [x for x in self.lent_forks if self.registry.holds(x[0], x[1])]
 
     def after_fork_child(self) -> None:
         self.lock = threading.RLock()
         self.wait_lock = threading.Lock()
         self.blob_lock = threading.RLock()
         self.loans = weakref.WeakSet()      # the parent's views are the parent's
+        self.lent_forks = []                # the parent's to retire
         self.batch_lock = threading.Lock()
         self.rx_states = {}
         self.waiting = [0, 0]
@@ -1624,6 +1630,8 @@ class _Chan:
             for side in (0, 1):
                 reg.clear_waiting(self.me, side)
             reg.unregister(self.me)
+            reg.retire_orphaned_forks(self.lent_forks)
+            self.lent_forks = []
             last = reg.claim_last_out()
         self.me = -1
         for side in (R.SIDE_RX, R.SIDE_TX):     # the other side re-checks who is left

@@ -19,8 +19,10 @@ and start time 0.
 from __future__ import annotations
 
 import os
+import time
 
 _HAVE_PROC = os.path.isdir("/proc/self")
+_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _stat_fields(pid: int):
@@ -107,3 +109,36 @@ def alive(pid: int, start: int, pidns: int = 0) -> bool:
 def pid_alive(pid: int) -> bool:
     """Liveness from a PID alone (no start time to check against)."""
     return alive(pid, 0, 0)
+
+
+def boot_ticks() -> int:
+    """Now, in the clock of ``/proc/PID/stat``'s starttime (ticks since boot).
+
+    A process forked after this call has a start time at or after it.
+    """
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TCK) if _HAVE_PROC else 0
+
+
+def children_started_since() -> list[int] | None:
+    """Start times (``boot_ticks`` clock) of this process's running children; None if unknown."""
+    if not _HAVE_PROC:
+        return None
+    me_pid = str(os.getpid()).encode()
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rfind(b")") + 2:].split()
+        # rest[0]: state (field 3); rest[1]: ppid (field 4); rest[19]: starttime (field 22)
+        if len(rest) > 19 and rest[1] == me_pid and rest[0] not in (b"Z", b"X", b"x"):
+            out.append(int(rest[19]))
+    return out

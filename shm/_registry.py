@@ -298,6 +298,31 @@ class Registry:
             return t, value
         return None
 
+    def holds(self, t: int, value: int) -> bool:
+        """Whether token ``t`` is still the one lent as ``value`` (not yet retired)."""
+        return W.load(self.seg.w, self._tw(t)) == value
+
+    def retire_orphaned_forks(self, lent: list) -> None:
+        """Retire the fork tokens this process lent that no running child can still claim.
+
+        ``lent``: (token, value, ``_liveness.boot_ticks()`` just before the
+        fork). A child forked after the lend started at or after that time;
+        if no running (non-zombie) child of ours did, the child the token
+        was lent to died before it registered (SIGKILLed while starting, say),
+        and the token would otherwise keep the channel alive, and its segments
+        linked, for ``FORK_TOKEN_TTL`` after we leave. Called when our last
+        handle closes. Unknown (no /proc): left to the clock.
+        """
+        live = [x for x in lent if self.holds(x[0], x[1])]
+        if not live:
+            return
+        kids = _liveness.children_started_since()
+        if kids is None:
+            return
+        for t, v, since in live:
+            if not any(k >= since for k in kids):
+                self.retire(t, v)
+
     def retire(self, t: int, value: int) -> bool:
         """Retire token ``t`` if it still holds ``value``: True if this call retired it.
 

@@ -193,3 +193,49 @@ def test_command_names_with_parentheses_and_spaces():
         os.close(ready_r)
         os.close(w)
         os.waitpid(pid, 0)
+
+
+# --------------------------------------------------------------------------
+# Fork tokens of children that died before they could claim them.
+
+def _lend_as_if_forked(handle):
+    """What os.fork does to our side: lend the fork tokens (the child then never runs)."""
+    port = handle._c if hasattr(handle, "_c") else handle._port
+    port.before_fork()
+    port.after_fork_parent()
+    return port
+
+
+@pytest.mark.parametrize("kind", ["channel", "broadcast"])
+def test_a_fork_token_whose_child_died_unclaimed_does_not_outlive_the_lender(kind):
+    """A child SIGKILLed before it registered leaves its fork token unclaimed; the lender's
+    close retires it (no running child started after the lend), so the segments go now,
+    not FORK_TOKEN_TTL later."""
+    import shm
+    tx, rx = shm.bounded(4, codec="bytes") if kind == "channel" else shm.broadcast(64)
+    before = set(os.listdir("/dev/shm"))
+    _lend_as_if_forked(tx)
+    tx.close()
+    rx.close()
+    assert not (set(os.listdir("/dev/shm")) & before), "segments kept alive by a dead child's token"
+
+
+def test_a_fork_token_is_kept_while_a_child_forked_after_it_runs():
+    import subprocess
+    import shm
+    tx, rx = shm.bounded(4, codec="bytes")
+    name = tx.name
+    _lend_as_if_forked(tx)
+    child = subprocess.Popen(["sleep", "30"])      # started after the lend: it may still claim it
+    try:
+        tx.close()
+        rx.close()
+        assert any(n.startswith(name) or name in n for n in os.listdir("/dev/shm")), \
+            "the channel went while a child that may hold its handle runs"
+    finally:
+        child.kill()
+        child.wait()
+        again = shm.Sender.open(name)
+        again._c.unlink()
+        again.close()
+    assert _liveness.children_started_since() is not None
