@@ -64,6 +64,7 @@ from numba.extending import intrinsic as _intrinsic
 from . import ring as R
 from ._jit import jit
 from .memory import i64_at
+from .syscalls import _libc_fn as _capi     # an external C function: here CPython's API
 
 ARRAY_DATA_OFF = 16  # offsetof(PyArrayObject_fields, data): numpy's ABI since 1.x; shm/_builtin.py checks it
 SPIN = 7            # backoff steps the spin variants retry for (127 pauses, ~3 us)
@@ -72,10 +73,6 @@ NOT_BYTES = -100    # push: the argument is not a bytes object (nothing was push
 _I64 = _ir.IntType(64)
 _PTR = _cgutils.voidptr_t
 _SIG = _types.voidptr(_types.voidptr, _types.voidptr)
-
-
-def _capi(builder, name, ret, args):
-    return _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(ret, args), name)
 
 
 @_intrinsic

@@ -73,7 +73,7 @@ import threading
 import time
 
 from ._redis import HandleBase, _no_script, new_member
-from .channel import ChannelStats, _deadline
+from .channel import ChannelStats, _deadline, _send_each_async
 from .codec import get_codec
 from .errors import Closed, DecodeError, Disconnected, Empty, Full, SegmentExists
 from .segment import check_name, new_name
@@ -504,15 +504,7 @@ class RedisSender(_RedisHandle):
 
     async def send_many_async(self, items, timeout: float | None = None) -> None:
         """``send_many`` for asyncio, item by item; ``.message`` of Full/Disconnected is the list not sent."""
-        deadline = _deadline(timeout)
-        items = list(items)
-        for k, obj in enumerate(items):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                await self.send_async(obj, left)
-            except (Full, Disconnected) as e:
-                e.message = items[k:]
-                raise
+        await _send_each_async(self.send_async, items, timeout)
 
     def is_disconnected(self) -> bool:
         """True when no receiver holds a live lease."""

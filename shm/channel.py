@@ -351,15 +351,7 @@ class Sender(_Handle):
 
         On ``Full``/``Disconnected`` the exception's ``.message`` is the list of items not sent.
         """
-        deadline = _deadline(timeout)
-        items = list(items)
-        for k, obj in enumerate(items):
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                await self.send_async(obj, left)
-            except (Full, Disconnected) as e:
-                e.message = items[k:]
-                raise
+        await _send_each_async(self.send_async, items, timeout)
 
     def is_disconnected(self) -> bool:
         """True when no receiver is left (this also reaps receivers that died)."""
@@ -481,6 +473,20 @@ class Receiver(_Handle):
         c = self._chan()
         c._maybe_check_peers()
         return not c.registry.has_role(L.ROLE_TX)
+
+
+async def _send_each_async(send_async, items, timeout) -> None:
+    """``await send_async(item, left)`` for each item within one ``timeout``;
+    on Full/Disconnected the exception's ``.message`` is the list not sent."""
+    deadline = _deadline(timeout)
+    items = list(items)
+    for k, obj in enumerate(items):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            await send_async(obj, left)
+        except (Full, Disconnected) as e:
+            e.message = items[k:]
+            raise
 
 
 def _deadline(timeout):
