@@ -36,7 +36,7 @@ from kernels import layout as L
 from kernels import ring as R
 from kernels import words as W
 
-from . import _async, _chan, _liveness, _wait
+from . import _async, _chan, _wait
 from ._chan import BYTES_OFF, _entry
 from ._registry import PEER_CHECK, Registry
 from .channel import _deadline, bounded
@@ -296,17 +296,13 @@ class _Port:
     def before_fork(self) -> None:
         self.fork_tokens = []
         if self.me >= 0 and not self.closed:
-            since = _liveness.boot_ticks()
             for role in self.roles:
-                tok = self.registry.lend(role, L.TOKEN_FORK)
+                tok = self.registry.lend_fork(role, self.lent_forks)
                 if tok is not None:
                     self.fork_tokens.append(tok)
-                    self.lent_forks.append((*tok, since))
 
     def after_fork_parent(self) -> None:
         self.fork_tokens = []           # the child retires them (or they expire, or we do at close)
-        if len(self.lent_forks) > 64:
-            self.lent_forks = [x for x in self.lent_forks if self.registry.holds(x[0], x[1])]
 
     def after_fork_child(self) -> None:
         self.lent_forks = []            # the parent's to retire

@@ -306,6 +306,11 @@ class MessageView:
         self._loan = loan
         self.value = np.asarray(loan) if loan is not None else value
 
+    @classmethod
+    def of(cls, value) -> "MessageView":
+        """A view of a message already copied out (bytes become a uint8 array); nothing lent."""
+        return cls(np.frombuffer(value, np.uint8) if type(value) is bytes else value)
+
     @property
     def lent(self) -> bool:
         """Whether the message is read in place in shared memory (and holds its slot until released)."""
@@ -324,7 +329,7 @@ class MessageView:
         self.release()
 
     def __array__(self, dtype=None, copy=None):
-        a = self.value if isinstance(self.value, np.ndarray) else np.asarray(self.value)
+        a = np.asarray(self.value)
         return a if dtype is None else a.astype(dtype)
 
     def __bytes__(self) -> bytes:
@@ -645,19 +650,15 @@ class _Chan:
     def before_fork(self) -> None:
         toks = []
         if self.me >= 0 and not self.closed:
-            since = _liveness.boot_ticks()
             for role in (L.ROLE_TX, L.ROLE_RX):
                 if self.counts[role] > 0:
-                    tok = self.registry.lend(role, L.TOKEN_FORK)
+                    tok = self.registry.lend_fork(role, self.lent_forks)
                     if tok is not None:
                         toks.append(tok)
-                        self.lent_forks.append((*tok, since))
         self.fork_tokens = toks
 
     def after_fork_parent(self) -> None:
         self.fork_tokens = []     # the child retires them (or they expire, or we do at close)
-        if len(self.lent_forks) > 64:
-            self.lent_forks = [x for x in self.lent_forks if self.registry.holds(x[0], x[1])]
 
     def after_fork_child(self) -> None:
         self.lock = threading.RLock()
@@ -1015,20 +1016,6 @@ class _Chan:
         self._keep_blob((ring.gen, slot), bgen, seg)
         return seg
 
-    @staticmethod
-    def _copy_parts(seg: Segment, parts) -> None:
-        at = seg.addr + L.BLOB_DATA
-        for part in parts:
-            if type(part) is bytes:
-                m = len(part)
-                _COPY(at, id(part) + BYTES_OFF, m)
-            else:
-                a = part if isinstance(part, np.ndarray) else np.frombuffer(part, np.uint8)
-                a = a.reshape(-1).view(np.uint8)
-                m = a.shape[0]
-                seg.u8[at - seg.addr:at - seg.addr + m] = a
-            at += m
-
     def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int) -> None:
         """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure.
 
@@ -1039,7 +1026,18 @@ class _Chan:
         try:
             if self.closed:
                 raise Closed(f"channel {self.name!r} was closed in this process")
-            self._copy_parts(self._blob_for_write(ring, pos, n), parts)
+            seg = self._blob_for_write(ring, pos, n)
+            at = seg.addr + L.BLOB_DATA
+            for part in parts:
+                if type(part) is bytes:
+                    m = len(part)
+                    _COPY(at, id(part) + BYTES_OFF, m)
+                else:
+                    a = part if isinstance(part, np.ndarray) else np.frombuffer(part, np.uint8)
+                    a = a.reshape(-1).view(np.uint8)
+                    m = a.shape[0]
+                    seg.u8[at - seg.addr:at - seg.addr + m] = a
+                at += m
         except BaseException:
             _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
             raise
@@ -1052,9 +1050,9 @@ class _Chan:
     def _read_blob(self, ring: _Ring, pos: int, meta: int, lend: int = 0):
         """Decode the blob message of the claimed slot ``pos``, then release the slot.
 
-        ``lend`` (the receiving descriptor's address): return a MessageView;
-        raw bytes and arrays are lent in place (the slot stays claimed and
-        the ring pinned until the view is released, see ``_Loan``), anything
+        ``lend`` (the receiving descriptor's address): raw bytes and arrays
+        are lent in place, as a MessageView (the slot stays claimed and the
+        ring pinned until the view is released, see ``_Loan``); anything
         else is decoded as usual.
         """
         addr = ring.rx_addr
@@ -1070,15 +1068,8 @@ class _Chan:
             have = self.blobs.get((ring.gen, slot))
             seg = have[1] if have is not None and have[0] == bgen else self._blob_seg(ring.gen, slot, bgen)
             a, b = L.BLOB_DATA, L.BLOB_DATA + n
-            if lend:
-                arr = self._lendable(seg, kind, a, n)
-                if arr is None:
-                    v = memoryview(seg.mm)[a:b]
-                    try:
-                        value = self.codec.decode(kind, v)
-                    finally:
-                        v.release()
-                    return MessageView(np.frombuffer(value, np.uint8) if type(value) is bytes else value)
+            arr = self._lendable(seg, kind, a, n) if lend else None
+            if arr is not None:
                 loan = _Loan(self, ring, lend, pos, arr)
                 try:
                     v = MessageView(None, loan)
@@ -1088,11 +1079,9 @@ class _Chan:
                 lent = True
                 return v
             if kind == self.kind and self.raw:
-                if n < _bigcopy.BIG:
-                    return seg.mm[a:b]                  # one copy, straight into a new bytes
-                self.inflight += 1                      # copied without the GIL: close() waits for it
+                self.inflight += 1          # a large one is copied without the GIL: close() waits for it
                 try:
-                    return _bigcopy.to_bytes(seg, a, n)
+                    return _bigcopy.to_bytes(seg, a, n)     # one copy, straight into a new bytes
                 finally:
                     self.inflight -= 1
             view = memoryview(seg.mm)[a:b]
@@ -1353,7 +1342,7 @@ class _Chan:
                     continue
                 if r >= 0:
                     v = self.decode_area(st, r)
-                    return MessageView(np.frombuffer(v, np.uint8) if type(v) is bytes else v) if view else v
+                    return MessageView.of(v) if view else v
                 if r <= R.BLOB_AREA:
                     return self._decode_blob_area(st, r, view)
                 if r == R.EMPTY:
@@ -1427,8 +1416,10 @@ class _Chan:
         try:
             if view:
                 v = self._read_blob(ring, pos, meta, lend=daddr)
-                lent = v.lent
-                return v
+                if type(v) is MessageView:
+                    lent = True
+                    return v
+                return MessageView.of(v)
             return self._read_blob(ring, pos, meta)
         finally:
             if not lent:

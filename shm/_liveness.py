@@ -25,19 +25,23 @@ _HAVE_PROC = os.path.isdir("/proc/self")
 _TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat_fields(pid: int):
-    """(state, starttime) of ``pid`` from /proc, or None if there is no such process."""
+def _read_stat(pid: int | str):
+    """(state, ppid, starttime) of ``pid`` from /proc, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may contain spaces.
     rest = data[data.rfind(b")") + 2:].split()
-    # rest[0] is field 3 (state); field 22 (starttime) is rest[19].
-    return rest[0].decode(), int(rest[19])
+    # rest[0] is field 3 (state), rest[1] field 4 (ppid); field 22 (starttime) is rest[19].
+    return rest[0].decode(), int(rest[1]), int(rest[19])
+
+
+def _stat_fields(pid: int):
+    """(state, starttime) of ``pid`` from /proc, or None if there is no such process."""
+    st = _read_stat(pid)
+    return None if st is None else (st[0], st[2])
 
 
 def _pidns(pid: int | str = "self") -> int:
@@ -123,22 +127,14 @@ def children_started_since() -> list[int] | None:
     """Start times (``boot_ticks`` clock) of this process's running children; None if unknown."""
     if not _HAVE_PROC:
         return None
-    me_pid = str(os.getpid()).encode()
-    out = []
+    me_pid = os.getpid()
     try:
         names = os.listdir("/proc")
     except OSError:
         return None
+    out = []
     for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2:].split()
-        # rest[0]: state (field 3); rest[1]: ppid (field 4); rest[19]: starttime (field 22)
-        if len(rest) > 19 and rest[1] == me_pid and rest[0] not in (b"Z", b"X", b"x"):
-            out.append(int(rest[19]))
+        st = _read_stat(name) if name.isdigit() else None
+        if st is not None and st[1] == me_pid and st[0] not in ("Z", "X", "x"):
+            out.append(st[2])
     return out

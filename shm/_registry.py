@@ -298,6 +298,17 @@ class Registry:
             return t, value
         return None
 
+    def lend_fork(self, role: int, lent: list) -> tuple[int, int] | None:
+        """``lend(role, TOKEN_FORK)`` just before a fork, remembered in ``lent`` for
+        ``retire_orphaned_forks`` (which needs the time of the lend)."""
+        since = _liveness.boot_ticks()
+        tok = self.lend(role, L.TOKEN_FORK)
+        if tok is not None:
+            if len(lent) >= 64:     # a process that forks all day: forget the claimed ones
+                lent[:] = [x for x in lent if self.holds(x[0], x[1])]
+            lent.append((*tok, since))
+        return tok
+
     def holds(self, t: int, value: int) -> bool:
         """Whether token ``t`` is still the one lent as ``value`` (not yet retired)."""
         return W.load(self.seg.w, self._tw(t)) == value
