@@ -195,6 +195,9 @@ CHANNEL = Layout("channel", [
     Field("tombstones", 8, atomic=True),    # slots recovered from dead producers
     Field("dropped", 8, atomic=True),       # messages lost with dead consumers
     Field("reaped", 8, atomic=True),        # dead participants reaped
+    # bounded(reserve=N): bytes of each first-generation slot's blob made at
+    # creation; written once before the segment is OPEN, read-only after.
+    Field("blob_reserve", 8),
 ], align=CACHE_LINE)
 
 CH_BASE = SEG_HEADER
@@ -215,6 +218,7 @@ CH_BLOB_SEGMENTS = CH_BASE + CHANNEL["blob_segments"]
 CH_TOMBSTONES = CH_BASE + CHANNEL["tombstones"]
 CH_DROPPED = CH_BASE + CHANNEL["dropped"]
 CH_REAPED = CH_BASE + CHANNEL["reaped"]
+CH_BLOB_RESERVE = CH_BASE + CHANNEL["blob_reserve"]
 CH_END = CH_BASE + CHANNEL.size
 
 # Roles, as indices into the role and waiter bitmaps.

@@ -52,7 +52,7 @@ _FLAVOR_NAMES = {L.FLAVOR_BOUNDED: "bounded", L.FLAVOR_UNBOUNDED: "unbounded", L
 
 
 def bounded(capacity: int, *, name: str | None = None, codec: str = "msgpack",
-            slot_size: int | None = None) -> tuple["Sender", "Receiver"]:
+            slot_size: int | None = None, reserve: int = 0) -> tuple["Sender", "Receiver"]:
     """A channel holding at most ``capacity`` messages; returns ``(Sender, Receiver)``.
 
     ``capacity=0`` makes a rendezvous channel. ``name`` makes it openable by
@@ -61,16 +61,25 @@ def bounded(capacity: int, *, name: str | None = None, codec: str = "msgpack",
     ``"msgpack"`` (default), ``"pickle"``, ``"bytes"`` or ``"numpy"``.
     ``slot_size`` is the largest message in bytes carried inline in a slot
     (default 224); larger messages travel through a per-slot blob segment.
+
+    ``reserve``: make every slot's blob now, for encoded messages up to this
+    many bytes (rounded up to a power of two), and keep them for the
+    channel's life: the first large messages then pay no fresh shared
+    memory (64 MiB: ~40 ms), and a ``/dev/shm`` too small for
+    ``capacity * reserve`` raises ``OutOfSharedMemory`` here, not
+    mid-stream. Handles opened elsewhere map these blobs when they attach.
+    Larger messages still work (their slot's blob grows).
     """
     if isinstance(capacity, bool) or not isinstance(capacity, int):
         raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
     if capacity < 0:
         raise ValueError("capacity must be >= 0 (0 makes a rendezvous channel)")
     if capacity == 0:
-        return rendezvous(name=name, codec=codec, slot_size=slot_size)
+        return rendezvous(name=name, codec=codec, slot_size=slot_size, reserve=reserve)
     if capacity > 1 << 30:
         raise ValueError("capacity must be at most 2**30 (use unbounded() for an unlimited queue)")
-    return _pair(_Chan.create(L.FLAVOR_BOUNDED, capacity, name=name, codec=codec, slot_size=slot_size))
+    return _pair(_Chan.create(L.FLAVOR_BOUNDED, capacity, name=name, codec=codec, slot_size=slot_size,
+                              reserve=reserve))
 
 
 def unbounded(*, name: str | None = None, codec: str = "msgpack",
@@ -80,9 +89,13 @@ def unbounded(*, name: str | None = None, codec: str = "msgpack",
 
 
 def rendezvous(*, name: str | None = None, codec: str = "msgpack",
-               slot_size: int | None = None) -> tuple["Sender", "Receiver"]:
-    """A channel of capacity 0: ``send`` completes only when a receiver takes the message."""
-    return _pair(_Chan.create(L.FLAVOR_RENDEZVOUS, 0, name=name, codec=codec, slot_size=slot_size))
+               slot_size: int | None = None, reserve: int = 0) -> tuple["Sender", "Receiver"]:
+    """A channel of capacity 0: ``send`` completes only when a receiver takes the message.
+
+    ``reserve`` as for ``bounded``.
+    """
+    return _pair(_Chan.create(L.FLAVOR_RENDEZVOUS, 0, name=name, codec=codec, slot_size=slot_size,
+                              reserve=reserve))
 
 
 def _pair(chan: _Chan):

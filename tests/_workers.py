@@ -284,3 +284,13 @@ def parked_sender(name: str, fd: int, n_fill: int):
         tx.send(n_fill, timeout=120)
     except shm.ShmError:
         pass
+
+
+def send_arrays_by_name(name: str, n: int, length: int, q):
+    """Open a Sender by name, report how many reserved blobs it found mapped, send ``n`` filled arrays."""
+    import numpy as np
+    tx = shm.Sender.open(name)
+    q.put(len(tx._c.blobs))
+    for k in range(n):
+        tx.send(np.full(length, k, np.float64), timeout=60)
+    tx.close()

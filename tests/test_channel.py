@@ -638,3 +638,85 @@ def test_parked_receiver_uses_no_cpu(ctx):
     p.join(30)
     assert (c1 - c0) / (t1 - t0) < 0.02
     tx.close(); rx.close(); out_tx.close(); out_rx.close()
+
+
+# --------------------------------------------------------------------------
+# reserve=: every slot's blob made with the channel.
+
+def _blob_files(tx):
+    fam = tx._c.family
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(fam) and "b" in f[len(fam):])
+
+
+def test_reserve_makes_every_slot_blob_up_front():
+    tx, rx = shm.bounded(3, codec="bytes", reserve=100_000)
+    st = tx.stats()
+    assert (st.blob_segments, st.blob_bytes) == (3, 3 * 131072)      # rounded up to a power of two
+    before = _blob_files(tx)
+    assert len(before) == 3
+    m = os.urandom(100_000)
+    for k in range(7):                  # round every slot twice: the same three blobs carry them all
+        tx.send(m[k:])
+        assert rx.recv() == m[k:]
+    assert _blob_files(tx) == before
+    big = os.urandom(300_000)           # larger than reserved: that slot's blob grows, nothing is lost
+    tx.send(big)
+    assert rx.recv() == big
+    assert tx.stats().blob_segments == 3 and tx.stats().blob_bytes == 2 * 131072 + 524288
+    tx.close(); rx.close()
+
+
+def test_reserve_blobs_survive_the_blob_budget(monkeypatch):
+    """A channel over its blob budget drops the blob it just read, but never a reserved one."""
+    monkeypatch.setattr(shm._chan, "BLOB_BUDGET", 1 << 19)
+    tx, rx = shm.bounded(4, codec="bytes", reserve=1 << 20)
+    before = _blob_files(tx)
+    m = b"r" * (1 << 20)
+    for _ in range(8):
+        tx.send(m)
+        assert rx.recv() == m
+    assert _blob_files(tx) == before and tx.stats().blob_segments == 4
+    tx.send(m + b"+")                   # grows past the reserve: this one goes after reading
+    assert rx.recv() == m + b"+"
+    assert tx.stats().blob_segments == 3
+    tx.close(); rx.close()
+    tx2, rx2 = shm.bounded(4, codec="bytes")     # without reserve the same traffic keeps nothing
+    for _ in range(4):
+        tx2.send(m)
+        assert rx2.recv() == m
+    assert tx2.stats().blob_segments == 0
+    tx2.close(); rx2.close()
+
+
+def test_reserve_across_processes(ctx):
+    """Opened by name in a fresh process, which maps the reserved blobs; 2 MiB arrays arrive whole."""
+    tx, rx = shm.bounded(2, codec="numpy", reserve=4 << 20, name=f"resv{os.getpid()}")
+    q = ctx.Queue()
+    p = ctx.Process(target=W.send_arrays_by_name, args=(tx.name, 5, 1 << 18, q))
+    p.start()
+    for k in range(5):
+        a = rx.recv(timeout=60)
+        assert a.shape == (1 << 18,) and a.dtype == np.float64 and (a == k).all()
+    p.join(60)
+    assert p.exitcode == 0 and q.get(timeout=5) == 2      # it found both reserved blobs mapped at open
+    assert rx.stats().blob_segments == 2
+    tx.close(); rx.close()
+
+
+def test_reserve_rendezvous_and_bad_values():
+    tx, rx = shm.bounded(0, codec="bytes", reserve=5000)
+    assert tx.stats().blob_segments == 1 and tx.stats().blob_bytes == 8192
+    t = threading.Thread(target=tx.send, args=(b"q" * 5000,))
+    t.start()
+    assert rx.recv(timeout=30) == b"q" * 5000
+    t.join(30)
+    tx.close(); rx.close()
+    with pytest.raises(ValueError, match="reserve"):
+        shm.bounded(2, reserve=-1)
+    with pytest.raises(TypeError, match="reserve"):
+        shm.bounded(2, reserve=1.5)
+    with pytest.raises(TypeError):
+        shm.unbounded(reserve=1 << 20)
+    tx, rx = shm.bounded(2, reserve=0)
+    assert tx.stats().blob_segments == 0
+    tx.close(); rx.close()

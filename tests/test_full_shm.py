@@ -44,6 +44,13 @@ try:
 except OutOfSharedMemory as e:
     check(e)
 assert entries() == [], entries()
+# reserve=: the third of four 1 MiB blobs does not fit; the two made are removed with the channel.
+try:
+    shm.bounded(4, codec="bytes", reserve=1 << 20)
+    raise SystemExit("four 1 MiB blobs fitted in 3 MiB")
+except OutOfSharedMemory as e:
+    check(e)
+assert entries() == [], entries()
 
 # 2. An unbounded channel grows until /dev/shm is full; everything sent arrives, in order.
 tx, rx = shm.unbounded()

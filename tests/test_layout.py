@@ -165,7 +165,7 @@ CONSTANTS = {
         "TAIL_GEN": "tail_gen", "HEAD_GEN": "head_gen", "GROW": "grow", "TASKS": "tasks",
         "BLOB_BYTES": "blob_bytes",
         "BLOB_SEGMENTS": "blob_segments", "TOMBSTONES": "tombstones", "DROPPED": "dropped",
-        "REAPED": "reaped"}),
+        "REAPED": "reaped", "BLOB_RESERVE": "blob_reserve"}),
     "PT_": (L.PARTICIPANT, 0, {"STATE": "state", "PID": "pid", "START": "start", "PIDNS": "pidns",
                                "ROLES": "roles", "OPS": "ops"}),
     "TK_": (L.TOKEN, 0, {"STATE": "state", "CREATED": "created_ns", "LENDER_PID": "lender_pid",
