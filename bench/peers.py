@@ -162,11 +162,12 @@ class Peer:
 class _ShmEnd(SharedEndpoint):
     leak_is_bug = True
 
-    def __init__(self, spec, codec, slot_size, zero_copy=False):
+    def __init__(self, spec, codec, slot_size, zero_copy=False, reserve=False):
         super().__init__(spec)
         import shm
         self.zero_copy = zero_copy
-        self.tx, self.rx = shm.bounded(spec.cap, codec=codec, slot_size=slot_size)
+        self.tx, self.rx = shm.bounded(spec.cap, codec=codec, slot_size=slot_size,
+                                       reserve=spec.size if reserve else 0)
         self.shm_prefixes = (self.tx.name,)
 
     def after_start(self):
@@ -209,10 +210,12 @@ class ShmPeer(Peer):
     name = "shm"
     batched = True
 
-    def __init__(self, codec=None, slot_size=None, key=None, name=None, note="", zero_copy=False):
+    def __init__(self, codec=None, slot_size=None, key=None, name=None, note="", zero_copy=False,
+                 reserve=False):
         self.codec = codec
         self.slot_size = slot_size
         self.zero_copy = zero_copy
+        self.reserve = reserve      # bounded(reserve=message size), as iceoryx2 gets initial_max_slice_len
         if key:
             self.key = key
         if name:
@@ -224,7 +227,7 @@ class ShmPeer(Peer):
 
     def endpoint(self, spec):
         codec = self.codec or ("msgpack" if spec.objects else "bytes")
-        return _ShmEnd(spec, codec, self.slot_size, self.zero_copy)
+        return _ShmEnd(spec, codec, self.slot_size, self.zero_copy, self.reserve)
 
 
 # --------------------------------------------------------------------------

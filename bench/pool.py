@@ -866,10 +866,10 @@ def write_markdown(path, cons, cases, summ, verdicts, starts, unavailable, info,
               "A separate shm.Pool (not the one measured above; same code, with `Worker.flush` wrapped to time "
               "it) runs the small-task `map` and `imap` twice each, one after the other. A flush pickles the "
               "results a worker has buffered (up to 64 records or 2 ms) and sends them through the pool's "
-              "result channel; a batch larger than a channel slot (224 B) travels out of band in a per-slot "
+              "result channel; a batch larger than a channel slot (16 KiB) travels out of band in a blob "
               "blob segment. Rows are in the order they ran on that one pool: the channel creates a blob "
-              "segment the first time each of its slots (256 in its first generation) carries a large batch, "
-              "or when a batch outgrows its slot's blob, so the later rows show the warm cost and the first "
+              "segment when a large batch finds no free blob in its pool (the one freed last is taken "
+              "first), or when a batch outgrows its blob, so the later rows show the warm cost and the first "
               "ones what a fresh pool (as in the tables above, one per round) pays.", "",
               "| case | entry point | tasks | flushes | CPU per flush | wall per flush | share of worker CPU | "
               "worker CPU per task |", "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -161,8 +161,8 @@ PR_RING = 4           # byte offset of the ring header
 
 # Blob parameters (P0..P3 of a KIND_BLOB segment).
 PB_GEN = 0            # ring generation
-PB_SLOT = 1           # slot index
-PB_BLOBGEN = 2        # the slot's blob generation
+PB_ENTRY = 1          # blob pool entry index
+PB_BLOBGEN = 2        # the entry's blob generation
 PB_CAPACITY = 3       # payload bytes available after the header
 BLOB_DATA = SEG_HEADER
 
@@ -195,7 +195,7 @@ CHANNEL = Layout("channel", [
     Field("tombstones", 8, atomic=True),    # slots recovered from dead producers
     Field("dropped", 8, atomic=True),       # messages lost with dead consumers
     Field("reaped", 8, atomic=True),        # dead participants reaped
-    # bounded(reserve=N): bytes of each first-generation slot's blob made at
+    # bounded(reserve=N): bytes of each first-generation pool entry's blob made at
     # creation; written once before the segment is OPEN, read-only after.
     Field("blob_reserve", 8),
 ], align=CACHE_LINE)
@@ -293,6 +293,9 @@ RING = Layout("ring", [
     Field("slot", 8),                           # slot size in bytes (immutable)
     Field("base", 8),                           # position of this generation's first message
     Field("gen", 8),
+    # The blob pool entry freed last (consumers store it, producers try it
+    # first): a steady stream of large messages reuses one hot blob.
+    Field("blob_hint", 8, atomic=True, align=CACHE_LINE),
 ], align=CACHE_LINE)
 
 RG_TAIL = RING["tail"]
@@ -301,18 +304,19 @@ RG_CAP = RING["cap"]
 RG_SLOT = RING["slot"]
 RG_BASE = RING["base"]
 RG_GEN = RING["gen"]
+RG_BLOB_HINT = RING["blob_hint"]
 RING_HEADER = RING.size
 
 SLOT = Layout("slot", [
     Field("stamp", 8, atomic=True),  # (pos << 10) | (owner << 2) | state: see kernels/ring.py
     Field("meta", 8),                # len (bits 0..47) | kind << 48 | flags << 56
-    Field("blob_gen", 8),            # generation of this slot's blob segment (names it)
-    Field("blob_cap", 8),            # payload capacity of that blob segment, 0 if none
+    Field("blob", 8),                # the blob pool entry this slot's producer takes (or tries to)
+    Field("pad", 8),
 ])
 SL_STAMP = SLOT["stamp"]
 SL_META = SLOT["meta"]
-SL_BLOB_GEN = SLOT["blob_gen"]
-SL_BLOB_CAP = SLOT["blob_cap"]
+SL_BLOB = SLOT["blob"]
+SL_PAD = SLOT["pad"]
 SLOT_HEADER = SLOT.size       # 32: the inline payload starts here
 MIN_SLOT = 64
 SLOT_ALIGN = 64
@@ -320,8 +324,25 @@ SLOT_ALIGN = 64
 META_LEN_MASK = (1 << 48) - 1
 META_KIND_SHIFT = 48
 META_FLAGS_SHIFT = 56
-FLAG_BLOB = 1      # payload is in the slot's blob segment
+FLAG_BLOB = 1      # payload is in the blob of the pool entry the slot names
+BLOB_MIN_LG = 12   # smallest blob: a page (a 1 KiB message must not cost 64 KiB)
 FLAG_TOMB = 2      # no message: a recovered claim of a dead producer
+
+
+# The blob pool of a ring: one entry per slot, right after the slots
+# (kernels/ring.py, "Blob pool"). Entry e owns the blob segment F r<gen>p<e>g<bgen>.
+BLOB_ENTRY = Layout("blob_entry", [
+    Field("state", 8, atomic=True),  # 0: free; p + 1: taken for the message of position p
+    Field("info", 8),                # bgen << 8 | log2(capacity); low byte 0: no blob now
+])
+BE_STATE = BLOB_ENTRY["state"]
+BE_INFO = BLOB_ENTRY["info"]
+BE_SIZE = BLOB_ENTRY.size
+
+
+def ring_bytes(ring_cap: int, slot: int) -> int:
+    """Bytes from a ring header to the end of its blob pool."""
+    return RING_HEADER + ring_cap * (slot + BE_SIZE)
 
 
 def channel_layout(ring_cap: int, slot: int) -> dict:
@@ -329,14 +350,14 @@ def channel_layout(ring_cap: int, slot: int) -> dict:
     participants = _round_up(CH_END, CACHE_LINE)
     tokens = participants + MAX_PARTICIPANTS * PT_SIZE
     ring = _round_up(tokens + MAX_TOKENS * TK_SIZE, CACHE_LINE)
-    size = ring + RING_HEADER + ring_cap * slot
-    return {"participants": participants, "tokens": tokens, "ring": ring, "size": size}
+    return {"participants": participants, "tokens": tokens, "ring": ring,
+            "pool": ring + RING_HEADER + ring_cap * slot, "size": ring + ring_bytes(ring_cap, slot)}
 
 
 def ring_layout(ring_cap: int, slot: int) -> dict:
     """Offsets and total size of a ring-generation segment."""
     ring = _round_up(SEG_HEADER, CACHE_LINE)
-    return {"ring": ring, "size": ring + RING_HEADER + ring_cap * slot}
+    return {"ring": ring, "pool": ring + RING_HEADER + ring_cap * slot, "size": ring + ring_bytes(ring_cap, slot)}
 
 
 # --------------------------------------------------------------------------

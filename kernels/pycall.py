@@ -8,8 +8,11 @@ What: four numba ``cfunc``s with CPython's ``METH_O`` calling convention,
 =================== ===================== ==========================================
 function            ``arg``               returns
 =================== ===================== ==========================================
-``push_bytes``      a bytes object        ``push_at``'s status as an int (0 = OK)
-``push_bytes_spin`` a bytes object        the same, retried while FULL (``SPIN``)
+``push_bytes``      a bytes object        ``push_at``'s status as an int (0 = OK);
+                                          too big for a slot: ``push_blob_at``'s
+                                          (``CLAIMED - p``: finish position p)
+``push_bytes_spin`` a bytes object        the same, an inline one retried while FULL
+                                          (``SPIN``)
 ``pop_bytes``       the codec kind (int)  the message as a new bytes object if it
                                           is inline and of that kind, else
                                           ``pop_at``'s int result
@@ -162,8 +165,12 @@ def _push(self, data, steps):
         return _from_long(NOT_BYTES)
     src = _bytes_data(data)
     if steps == 0:
-        return _from_long(R.push_at(daddr, src, n))
-    return _from_long(R.push_spin_gil_at(daddr, src, n, steps))
+        r = R.push_at(daddr, src, n)
+    else:
+        r = R.push_spin_gil_at(daddr, src, n, steps)
+    if r == R.TOO_BIG:
+        r = R.push_blob_at(daddr, src, n)
+    return _from_long(r)
 
 
 @jit(inline="always")

@@ -42,10 +42,64 @@ payload of ``slot - 32`` bytes:
 
   Positions are compared modulo 2**54 (``_pdiff``), so they may wrap.
 * ``meta`` = ``len | kind << 48 | flags << 56``; flags ``FLAG_BLOB`` (the
-  payload lives in the slot's blob segment, see ``shm/channel.py``) and
+  payload lives in a blob segment of the ring's blob pool, below) and
   ``FLAG_TOMB`` (no message: a dead producer's claim).
-* ``blob_gen``/``blob_cap`` name and size the slot's blob segment. They are
-  only touched by whoever owns the slot (WRITING or READING).
+* ``blob``: the blob pool entry the slot's producer took (or last tried to
+  take) for the message of the slot's position.
+
+Blob pool
+---------
+A message too large for a slot travels in a *blob*, a segment of its own
+(``shm/_chan.py`` creates, grows and maps them). The ring has a pool of
+``cap`` entries after its slots (``BLOB_ENTRY``), each owning at most one
+blob: ``info`` = ``bgen << 8 | log2(capacity)`` names and sizes it (low byte
+0: none now), ``state`` says who holds the entry: 0 (free) or ``p + 1``,
+taken for the message of position ``p`` (modulo 2**54, as in stamps). A producer that holds the slot of
+``p`` (WRITING) takes an entry (``blob_take_at``), fills its blob and
+publishes; the consumer that claims the slot (READING) finds the entry
+through the slot's ``blob`` word (``blob_entry_at``), reads, and gives the
+entry back (``blob_give_at``), which also records it as the ring's
+``blob_hint``. The taker tries the hint first, so a steady stream of large
+messages goes through one blob that stays in cache instead of round a
+circle of ``cap`` of them (1 MiB messages through 16 slots: 21 GB/s with a
+blob per slot, 40 with the pool's last-freed-first).
+
+Every holder holds a slot, each slot at most one entry, so ``cap`` entries
+never run out; ``BUSY`` (all taken while we looked: others moved them) is
+retried. Only the holder touches an entry's ``info`` and blob.
+
+Crash safety: ``state`` names the position, which is never reused, and a
+taker stores the entry's index in its slot's ``blob`` word before the CAS
+that takes it. So whatever a dead participant held is found from the slots
+it held: ``recover`` frees the entry named by a dead producer's or
+consumer's slot if its state is still ``p + 1`` (else the whole pool is
+searched for ``p + 1``: the index store may not be visible to the
+recoverer; none found: the taker died before its CAS, or the consumer
+after giving the entry back). A rendezvous send taken back unread
+(``rendezvous_cancel_at``) frees its entry the same way. The holder keeps
+``info`` crash-consistent too: it clears the low byte (no blob, same
+generation) before unlinking a blob, and sets it only once the new one
+exists.
+
+========================= ============================== =============================================
+step                      operation                      ordering: pairs with
+========================= ============================== =============================================
+take                      store slot.blob = e, then      acquire: the release of the last holder's
+                          CAS state 0 -> p + 1           give, so its reads of the blob happen before
+                                                         we overwrite it; release: orders the store
+                                                         to slot.blob before the take
+read info, fill blob      holder only                    published to the consumer by the slot's
+                                                         PUBLISHED (release) / claim (acquire)
+find (consumer)           load slot.blob, check          acquire
+                          state == p + 1
+give                      CAS state p + 1 -> 0; store    release: the next taker's acquire
+                          blob_hint = e (relaxed)
+========================= ============================== =============================================
+
+Rejected: a Treiber stack of free entries (O(1) take, but a taker that dies
+between its pop and recording what it popped leaks the entry, and nothing
+in memory says which); a blob per slot (the first design: no protocol at
+all, but a stream of large messages writes round ``cap`` cold blobs).
 
 Transitions and orderings
 -------------------------
@@ -92,10 +146,12 @@ layer proves it, ``shm/_registry.py``), every stamp it owns is moved forward,
 never back (moving back would race with helpers that already advanced
 ``tail``/``head`` past it):
 
-* ``WRITING(t, dead)`` -> take it over, make sure ``tail`` is past ``t``, and
-  publish a tombstone, which consumers skip;
-* ``READING(h, dead)`` -> take it over, make sure ``head`` is past ``h``, and
-  free the slot. That message is lost: the dead consumer had taken it.
+* ``WRITING(t, dead)`` -> take it over, make sure ``tail`` is past ``t``, free
+  the pool entry it took, if any, and publish a tombstone, which consumers
+  skip;
+* ``READING(h, dead)`` -> take it over, make sure ``head`` is past ``h``, free
+  its pool entry, if any, and free the slot. That message is lost: the dead
+  consumer had taken it.
 
 Waiting is not in the ring: kernels return EMPTY/FULL and the Python layer
 spins, then parks on a futex word of the channel's control block
@@ -149,6 +205,9 @@ D_BANKS = 16        # pop_at: address of the bank table (int64[2 * N_BANKS]) sha
 D_GEN = 17          # the ring generation this descriptor serves
 D_PINS = 18         # blob messages popped through it and not yet released (keeps the ring mapped)
 D_FLAGS = 19        # DF_* below
+D_BLOBMAP = 20      # push_blob_at: address of this process's map of the ring's blob pool, int64[3 * cap]:
+                    # per entry the bgen, payload address and capacity of its blob as mapped here
+                    # (bgen 0: not mapped); 0: no map (push_blob_at answers TOO_BIG)
 D_LEN = 32
 
 DF_WAKE_ALL_TX = 1  # a release wakes every parked sender (rendezvous: "taken" and "room" waiters share a word)
@@ -183,10 +242,13 @@ UNREGISTERED = -7
 CORRUPT = -8
 CLOSED = -9         # the descriptor was closed (its mapping is gone or going)
 NO_BANK = -10       # pop_at: every receive bank of this descriptor belongs to another thread
+BUSY = -11          # blob_take_at: every pool entry was taken while we looked (retry)
+CLAIMED = -1000     # push_blob_at: position p is claimed (WRITING, ours), the message not written:
+                    # returns CLAIMED - p, and the caller finishes the send (or tombstones it)
 STATUS_NAMES = {OK: "OK", EMPTY: "EMPTY", FULL: "FULL", DISCONNECTED: "DISCONNECTED",
                 SEALED: "SEALED", TOO_BIG: "TOO_BIG", BLOB: "BLOB",
                 UNREGISTERED: "UNREGISTERED", CORRUPT: "CORRUPT", CLOSED: "CLOSED",
-                NO_BANK: "NO_BANK"}
+                NO_BANK: "NO_BANK", BUSY: "BUSY"}
 
 # --------------------------------------------------------------------------
 # Stamps.
@@ -522,7 +584,7 @@ def push_many_fixed_at(daddr, src_addr, item_len, count):
 def claim_push_at(daddr):
     """Claim a slot for a blob message. Returns its position (owned, WRITING) or a status.
 
-    The caller fills the slot's blob, then calls ``publish_at`` (or
+    The caller takes a pool entry and fills its blob, then calls ``publish_at`` (or
     ``publish_at`` with FLAG_TOMB if it cannot: the slot must not stay claimed).
     """
     d = i64_at(daddr, D_LEN)
@@ -823,40 +885,183 @@ def unpin_at(daddr):
 
 
 # --------------------------------------------------------------------------
-# Slot words the owner of a claimed slot may read and write (blob fields).
+# Blob pool (see "Blob pool" above).
+
+@jit(inline="always")
+def _entry_w(d, e):
+    """Word index of blob pool entry ``e`` (its state; info follows)."""
+    return (d[D_RING] + L.RING_HEADER + d[D_CAP] * d[D_SLOT] + e * L.BE_SIZE) >> 3
+
+
+@jit(inline="always")
+def _hint_w(d):
+    return (d[D_RING] + L.RG_BLOB_HINT) >> 3
+
+
+@jit(inline="always")
+def _take(d, w, pos, lg):
+    cap = d[D_CAP]
+    bw = (_slot_off(d, pos) + L.SL_BLOB) >> 3
+    hint = A.load(w, _hint_w(d), "relaxed")
+    start = pos % cap
+    for rnd in range(2):
+        for k in range(cap + 1):
+            if k == 0:
+                if rnd == 1 or hint < 0 or hint >= cap:
+                    continue
+                e = hint
+            else:
+                e = (start + k - 1) % cap
+            ew = _entry_w(d, e)
+            if A.load(w, ew, "relaxed") != 0:
+                continue
+            if rnd == 0 and (A.load(w, ew + 1, "relaxed") & 0xFF) < lg:
+                continue
+            A.store(w, bw, e, "relaxed")
+            if A.cas(w, ew, 0, (pos & POS_MASK) + 1, "acq_rel") == 0:
+                return e
+    return BUSY
+
 
 @jit("int64(int64, int64, int64)", nogil=False)
-def slot_word_at(daddr, pos, field_off):
+def blob_take_at(daddr, pos, lg):
+    """Take a free pool entry for the message of ``pos``, whose slot the caller holds (WRITING).
+
+    First the entry freed last (``blob_hint``), then, from the slot's own
+    entry on, the first free one whose blob holds ``2**lg`` bytes, then the
+    first free one at all (the caller grows its blob). Returns the entry,
+    or BUSY if every entry was taken while we looked.
+    """
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    return _words(d)[(_slot_off(d, pos) + field_off) >> 3]
+    return _take(d, _words(d), pos, lg)
 
 
-@jit("int64(int64, int64, int64, int64)", nogil=False)
-def set_slot_word_at(daddr, pos, field_off, value):
+@jit("int64(int64, int64, int64)", nogil=False)
+def push_blob_at(daddr, src, n):
+    """Push ``n`` bytes at ``src`` through a blob, if this process has the blob it takes mapped.
+
+    Claims a slot, takes a pool entry (``_take``) and, if the process-local
+    map (``D_BLOBMAP``, kept by shm/_chan.py) holds that entry's current
+    blob, large enough, copies and publishes: OK. FULL, SEALED,
+    DISCONNECTED, UNREGISTERED, CLOSED, CORRUPT: nothing was claimed.
+    ``CLAIMED - p``: position ``p`` is claimed (and maybe an entry taken,
+    named by its slot): the caller creates or maps the blob, writes and
+    publishes, or tombstones. TOO_BIG: no map (not a bounded channel).
+    """
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    A.store(_words(d), (_slot_off(d, pos) + field_off) >> 3, value, "relaxed")
+    mp = d[D_BLOBMAP]
+    if mp == 0:
+        return TOO_BIG
+    me = d[D_ME]
+    if me < 0:
+        return UNREGISTERED
+    if not has_receivers(_ctrl(d)):
+        return DISCONNECTED
+    w = _words(d)
+    pos = _claim_push(w, d, me)
+    if pos < 0:
+        return pos
+    lg = L.BLOB_MIN_LG
+    while (1 << lg) < n:
+        lg += 1
+    e = _take(d, w, pos, lg)
+    if e < 0:
+        return CLAIMED - pos
+    info = A.load(w, _entry_w(d, e) + 1, "relaxed")
+    m = i64_at(mp, 3 * d[D_CAP])
+    if (info & 0xFF) == 0 or m[3 * e] != (info >> 8) or m[3 * e + 2] < n:
+        return CLAIMED - pos
+    copy(u8_at(m[3 * e + 1], n), 0, u8_at(src, n), 0, n)
+    _publish(w, d, pos, (n & L.META_LEN_MASK) | (d[D_KIND] << L.META_KIND_SHIFT)
+             | (L.FLAG_BLOB << L.META_FLAGS_SHIFT))
+    _wake(_ctrl(d), SIDE_RX, 1)
     return OK
 
 
 @jit("int64(int64, int64)", nogil=False)
-def slot_blob_at(daddr, pos):
-    """The claimed slot's blob as ``blob_gen << 8 | log2(capacity)``, 0 if it has none."""
+def blob_entry_at(daddr, pos):
+    """The pool entry holding the message of ``pos``, whose slot the caller holds; CORRUPT if none does."""
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
     w = _words(d)
-    sw = _slot_off(d, pos) >> 3
-    cap = A.load(w, sw + (L.SL_BLOB_CAP >> 3), "relaxed")
-    if cap <= 0:
-        return 0
-    lg = 0
-    while (1 << lg) < cap and lg < 62:
-        lg += 1
-    return (A.load(w, sw + (L.SL_BLOB_GEN >> 3), "relaxed") << 8) | lg
+    e = A.load(w, (_slot_off(d, pos) + L.SL_BLOB) >> 3, "relaxed")
+    if e < 0 or e >= d[D_CAP] or A.load(w, _entry_w(d, e), "acquire") != (pos & POS_MASK) + 1:
+        return CORRUPT
+    return e
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def blob_give_at(daddr, pos, e):
+    """Give back entry ``e``, taken for the message of ``pos``; it becomes the hint. CORRUPT if not held so."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    if e < 0 or e >= d[D_CAP]:
+        return CORRUPT
+    w = _words(d)
+    held = (pos & POS_MASK) + 1
+    if A.cas(w, _entry_w(d, e), held, 0, "release") != held:
+        return CORRUPT
+    A.store(w, _hint_w(d), e, "relaxed")
+    return OK
+
+
+@jit("int64(int64, int64)", nogil=False)
+def blob_info_at(daddr, e):
+    """Entry ``e``'s ``bgen << 8 | log2(capacity)`` (its holder's to trust); CORRUPT if out of range."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    if e < 0 or e >= d[D_CAP]:
+        return CORRUPT
+    return A.load(_words(d), _entry_w(d, e) + 1, "relaxed")
+
+
+@jit("int64(int64, int64)", nogil=False)
+def blob_state_at(daddr, e):
+    """Entry ``e``'s state: 0 free, else the position it was taken for plus one."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    if e < 0 or e >= d[D_CAP]:
+        return CORRUPT
+    return A.load(_words(d), _entry_w(d, e), "acquire")
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def set_blob_info_at(daddr, e, info):
+    """The holder of entry ``e`` records its blob (``bgen << 8 | log2(capacity)``)."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    if e < 0 or e >= d[D_CAP]:
+        return CORRUPT
+    A.store(_words(d), _entry_w(d, e) + 1, info, "relaxed")
+    return OK
+
+
+@jit(inline="always")
+def _free_entry_of(d, w, sw, pos):
+    """Free the pool entry held for ``pos`` (a slot taken over from its dead or cancelled owner), if any.
+
+    The slot's ``blob`` word names it, unless the taker died before that
+    store was visible here (nothing orders it before our read in the C++
+    model): then look through the whole pool, which is rare (recovery).
+    ``pos`` is unique, so an entry held for it is that message's.
+    """
+    held = (pos & POS_MASK) + 1
+    e = A.load(w, sw + (L.SL_BLOB >> 3), "relaxed")
+    if e >= 0 and e < d[D_CAP] and A.cas(w, _entry_w(d, e), held, 0, "release") == held:
+        return
+    for e in range(d[D_CAP]):
+        if A.load(w, _entry_w(d, e), "relaxed") == held:
+            A.cas(w, _entry_w(d, e), held, 0, "release")
+            return
 
 
 @jit("int64(int64, int64, int64)", nogil=False)
@@ -1114,6 +1319,7 @@ def recover_at(daddr, dead):
         if st == WRITING:
             if A.cas(w, sw, s, stamp(pos, me, WRITING), "acq_rel") != s:
                 continue
+            _free_entry_of(d, w, sw, pos)
             tail = A.load(w, tw, "relaxed")
             if tail & SEALED_BIT and _pdiff(tail & ~SEALED_BIT, pos) <= 0:
                 # Sealed at this claim: it will never be consumed. Free it.
@@ -1127,6 +1333,7 @@ def recover_at(daddr, dead):
         else:
             if A.cas(w, sw, s, stamp(pos, me, READING), "acq_rel") != s:
                 continue
+            _free_entry_of(d, w, sw, pos)
             head = A.load(w, hw, "relaxed")
             if _pdiff(head, pos) == 0:
                 A.cas(w, hw, head, head + 1, "relaxed")
@@ -1188,6 +1395,7 @@ def rendezvous_cancel_at(daddr, pos):
     if A.cas(w, sw, s, stamp(pos, d[D_ME], READING), "acquire") != s:
         return 0
     A.cas(w, _head_w(d), pos, pos + 1, "relaxed")
+    _free_entry_of(d, w, sw, pos)       # a large message's blob pool entry comes back with it
     _release(w, d, pos)
     _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
     return 1

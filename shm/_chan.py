@@ -12,19 +12,21 @@ Segments of a channel named N (family F, a random ``shm_`` name):
 * ``N``: the control segment: header, control block, participant and token
   tables, and ring generation 0 (``kernels/layout.py``).
 * ``F`` + ``r<gen>``: ring generation ``gen`` >= 1 of an unbounded channel.
-* ``F`` + ``r<gen>s<slot>b<blobgen>``: the blob of one slot: the payload of
-  a message too large for the slot's inline area (``slot - 32`` bytes).
+* ``F`` + ``r<gen>p<entry>g<blobgen>``: the blob of one entry of a ring's
+  blob pool: the payload of a message too large for a slot's inline area
+  (``slot - 32`` bytes).
 
 *Messages.* A payload that fits inline is copied into the slot by one kernel
 call (``ring.push_at``, ~0.1 us from Python), and out again into one of the
-receive areas (``ring.pop_at``). A larger payload goes to the slot's blob:
-a segment owned by the slot, created on first need, grown when too small,
-and kept for the next message through that slot while the channel's blob
-bytes stay under ``blob_budget`` (so 1 MiB messages through a ring of 16
-reuse 16 hot segments instead of creating one per message). Only the owner
-of the slot (its producer, then its consumer) touches the blob or the
-slot's blob words, so blobs need no protocol of their own, and a dead
-owner's blob is recovered with its slot.
+receive areas (``ring.pop_at``). A larger payload goes to a blob: the
+producer, holding its slot, takes an entry of the ring's blob pool
+(``ring.blob_take_at``: the entry freed last first, so a stream of large
+messages reuses one blob that stays in cache), fills the entry's blob
+(created on first need, grown when too small) and publishes; the consumer
+reads it and gives the entry back. Blobs are kept for the next message
+while the channel's blob bytes stay under ``blob_budget``, and always up to
+``reserve=``. Only an entry's holder touches its blob, and a dead holder's
+entry is freed with its slot by recovery (kernels/ring.py, "Blob pool").
 
 *Unbounded channels* chain ring generations (crossbeam's list flavour /
 SegQueue, with blocks that double up to 1M slots): a producer that finds
@@ -106,8 +108,12 @@ _POP = _entry(R.pop_at)
 _POP_SPIN = _entry(R.pop_spin_at)
 _POP_MANY = _entry(R.pop_many_at)
 _RELEASE = _entry(R.release_at)
-_SLOT_WORD = _entry(R.slot_word_at)
-_SET_SLOT_WORD = _entry(R.set_slot_word_at)
+_BLOB_TAKE = _entry(R.blob_take_at)
+_BLOB_ENTRY = _entry(R.blob_entry_at)
+_BLOB_GIVE = _entry(R.blob_give_at)
+_BLOB_INFO = _entry(R.blob_info_at)
+_BLOB_STATE = _entry(R.blob_state_at)
+_SET_BLOB_INFO = _entry(R.set_blob_info_at)
 _PARK = _entry(R.park_at)
 _WAKE = _entry(R.wake_at)
 _COUNTER = _entry(R.counter_at)
@@ -115,7 +121,6 @@ _SEAL = _entry(R.seal_at)
 _RECOVER = _entry(R.recover_at)
 _INIT_RING = _entry(R.init_ring_at)
 _TAKEN = _entry(R.rendezvous_taken_at)
-_SLOT_BLOB = _entry(R.slot_blob_at)
 _COPY = _entry(R.copy_at)
 _UNPIN = _entry(R.unpin_at)
 _CANCEL = _entry(R.rendezvous_cancel_at)
@@ -128,7 +133,7 @@ BATCH = 256                   # messages per recv_many kernel call
 SEND_SPIN = 40                # retries (with sched_yield) of a blocked send before it parks
 RING0_UNBOUNDED = 256         # slots of an unbounded channel's first generation
 MAX_RING_BYTES = 16 << 20     # bytes of slots in its largest generations
-BLOB_MIN = 4 << 10            # smallest blob segment: a page (a 1 KiB message must not cost 64 KiB)
+BLOB_MIN = 1 << L.BLOB_MIN_LG     # smallest blob segment: a page (a 1 KiB message must not cost 64 KiB)
 
 
 def _blob_budget() -> int:
@@ -164,10 +169,14 @@ def _round_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _new_blob(family: str, public: str, gen: int, slot: int, bgen: int, cap: int) -> Segment:
-    """Create generation ``bgen`` of a slot's blob, ``cap`` payload bytes, reserved and mapped."""
-    name = f"{family}r{gen:x}s{slot:x}b{bgen:x}"
-    kw = dict(name=name, family=family, public_name=public, params=[gen, slot, bgen, cap, 0, 0, 0, 0])
+def _blob_name(family: str, gen: int, e: int, bgen: int) -> str:
+    return f"{family}r{gen:x}p{e:x}g{bgen:x}"      # p, g: not hex digits, so names never collide
+
+
+def _new_blob(family: str, public: str, gen: int, e: int, bgen: int, cap: int) -> Segment:
+    """Create generation ``bgen`` of pool entry ``e``'s blob, ``cap`` payload bytes, reserved and mapped."""
+    name = _blob_name(family, gen, e, bgen)
+    kw = dict(name=name, family=family, public_name=public, params=[gen, e, bgen, cap, 0, 0, 0, 0])
     try:
         return Segment.create(L.KIND_BLOB, L.BLOB_DATA + cap, **kw)
     except SegmentExists:
@@ -176,7 +185,7 @@ def _new_blob(family: str, public: str, gen: int, slot: int, bgen: int, cap: int
 
 
 def _check_reserve(reserve) -> int:
-    """``reserve=`` of bounded()/rendezvous(): the blob capacity to make per slot, 0 for none."""
+    """``reserve=`` of bounded()/rendezvous(): the blob capacity to make per pool entry, 0 for none."""
     if isinstance(reserve, bool) or not isinstance(reserve, int):
         raise TypeError(f"reserve must be an int (bytes per message), not {type(reserve).__name__}")
     if reserve < 0:
@@ -217,6 +226,12 @@ class _Ring:
             d[R.D_KIND] = chan.codec.kind
             d[R.D_GEN] = gen
             d[R.D_FLAGS] = R.DF_WAKE_ALL_TX if chan.flavor == L.FLAVOR_RENDEZVOUS else 0
+        # Which blobs of the pool this process has mapped, for push_blob_at (a
+        # bounded channel's one ring only: a send finishing what the builtin
+        # claimed must find the same ring).
+        self.blobmap = np.zeros(3 * cap, np.int64) if chan.flavor == L.FLAVOR_BOUNDED else None
+        if self.blobmap is not None:
+            self.dtx[R.D_BLOBMAP] = self.blobmap.ctypes.data
         chan.rx0.fill(self.drx)
         self.rx_extra: list[np.ndarray] = []     # other threads' receive descriptors (_Rx)
         self.tx_addr = self.dtx.ctypes.data
@@ -533,7 +548,7 @@ class _Chan:
         params[L.P_PARTICIPANTS] = lay["participants"]
         params[L.P_TOKENS] = lay["tokens"]
 
-        made: list[Segment] = []      # reserve=: every slot's blob, made before anyone can open it
+        made: list[Segment] = []      # reserve=: every pool entry's blob, made before anyone can open it
 
         def init(seg):
             args = np.array([ring_cap, slot, 0, 0], np.int64)
@@ -542,9 +557,7 @@ class _Chan:
                 w = seg.w
                 for i in range(ring_cap):
                     made.append(_new_blob(family, name or family, 0, i, 1, blob_cap))
-                    sw = (lay["ring"] + L.RING_HEADER + i * slot) >> 3
-                    w[sw + (L.SL_BLOB_GEN >> 3)] = 1
-                    w[sw + (L.SL_BLOB_CAP >> 3)] = blob_cap
+                    w[(lay["pool"] + i * L.BE_SIZE + L.BE_INFO) >> 3] = 1 << 8 | (blob_cap.bit_length() - 1)
                 w[L.CH_BLOB_RESERVE >> 3] = blob_cap
                 w[L.CH_BLOB_BYTES >> 3] = blob_cap * ring_cap
                 w[L.CH_BLOB_SEGMENTS >> 3] = ring_cap
@@ -720,6 +733,8 @@ class _Chan:
         # (madvise(MADV_POPULATE_WRITE) on the inherited one: ~0.9). Large
         # blobs are mapped again on their first use here (_blob_seg).
         self.cold = {k for k, (_, seg) in self.blobs.items() if seg.size >= 1 << 20}
+        for k in self.cold:
+            self._set_blobmap(k, None)      # so the builtin leaves them to _blob_seg
         self.lent_forks = []                # the parent's to retire
         self.batch_lock = threading.Lock()
         self.rx_states = {}
@@ -974,45 +989,63 @@ class _Chan:
             self.refresh_rx()
 
     def _retire_ring(self, ring: _Ring) -> None:
-        """Unlink a drained generation and the blobs its slots kept."""
-        w = ring.seg.w
-        for slot in range(ring.cap):
-            stamp = int(w[(ring.ring_off + L.RING_HEADER + slot * self.slot) >> 3])
-            if stamp & R.STATE_MASK == R.READING:
-                continue    # its consumer unlinks the blob after reading (the ring is sealed)
-            bcap = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_CAP)
-            if bcap > 0:
-                self._unlink_blob(ring.gen, slot, _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_GEN), bcap)
+        """Unlink a drained generation and the blobs of its pool."""
+        for e in range(ring.cap):
+            if _BLOB_STATE(ring.tx_addr, e) != 0:
+                continue    # a consumer still reads it, and unlinks the blob after (the ring is sealed)
+            info = _BLOB_INFO(ring.tx_addr, e)
+            if info > 0 and info & 0xFF:
+                self._unlink_blob(ring.gen, e, info >> 8, 1 << (info & 0xFF))
         if ring.gen > 0:
             unlink_name(self._ring_name(ring.gen))
 
     # ------------------------------------------------------------------
-    # Blobs.
+    # Blobs: each ring has a pool of ``cap`` entries, each with at most one
+    # blob segment (kernels/ring.py, "Blob pool"). Only the entry's holder
+    # (the producer or consumer of the message it carries) touches its
+    # blob or its info; this process's mappings are kept per entry.
 
-    def _blob_name(self, gen: int, slot: int, bgen: int) -> str:
-        return f"{self.family}r{gen:x}s{slot:x}b{bgen:x}"
-
-    def _unlink_blob(self, gen, slot, bgen, bcap, locks: bool = True) -> None:
-        if unlink_name(self._blob_name(gen, slot, bgen)):
+    def _unlink_blob(self, gen, e, bgen, bcap, locks: bool = True) -> None:
+        if unlink_name(_blob_name(self.family, gen, e, bgen)):
             W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, -bcap)
             W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, -1)
         if not locks:
             return      # a finaliser: leave our mapping to the next locked pass (or close)
         with self.blob_lock:
-            old = self.blobs.pop((gen, slot), None)
+            old = self.blobs.pop((gen, e), None)
+            self._set_blobmap((gen, e), None)
         if old is not None:
             old[1].close()
 
-    def _blob(self, gen: int, slot: int, bgen: int) -> Segment:
-        """This process's mapping of a slot's blob generation ``bgen``: the one it has, if it is that."""
-        have = self.blobs.get((gen, slot))
+    def _set_blobmap(self, key, bgen_seg) -> None:
+        """Tell push_blob_at which blob of entry ``key`` we have mapped (None: none).
+
+        The builtin runs holding the GIL, between any two of these stores:
+        the entry is invalidated first and its bgen, which it matches
+        against the pool, written last, so it never sees a half-made entry.
+        """
+        ring = self.rings.get(key[0])
+        m = ring.blobmap if ring is not None else None
+        if m is None:
+            return
+        i = 3 * key[1]
+        m[i] = 0
+        if bgen_seg is not None:
+            bgen, seg = bgen_seg
+            m[i + 1] = seg.addr + L.BLOB_DATA
+            m[i + 2] = min(seg.params[L.PB_CAPACITY], seg.size - L.BLOB_DATA)
+            m[i] = bgen
+
+    def _blob(self, gen: int, e: int, bgen: int) -> Segment:
+        """This process's mapping of entry ``e``'s blob generation ``bgen``: the one it has, if it is that."""
+        have = self.blobs.get((gen, e))
         if have is not None and have[0] == bgen and not self.cold:
             return have[1]
-        return self._blob_seg(gen, slot, bgen)
+        return self._blob_seg(gen, e, bgen)
 
-    def _blob_seg(self, gen: int, slot: int, bgen: int, populate: bool = False) -> Segment:
-        """This process's mapping of a slot's blob generation ``bgen``, attaching it if need be."""
-        key = (gen, slot)
+    def _blob_seg(self, gen: int, e: int, bgen: int, populate: bool = False) -> Segment:
+        """This process's mapping of entry ``e``'s blob generation ``bgen``, attaching it if need be."""
+        key = (gen, e)
         with self.blob_lock:
             have = self.blobs.get(key)
             if key in self.cold:
@@ -1020,10 +1053,10 @@ class _Chan:
                 populate = have is not None and have[0] == bgen     # inherited (see after_fork_child)
             elif have is not None and have[0] == bgen:
                 return have[1]
-        seg = Segment.attach(self._blob_name(gen, slot, bgen), kind=L.KIND_BLOB, what="message blob",
+        seg = Segment.attach(_blob_name(self.family, gen, e, bgen), kind=L.KIND_BLOB, what="message blob",
                              populate=populate)
         p = seg.params
-        if p[L.PB_GEN] != gen or p[L.PB_SLOT] != slot or p[L.PB_BLOBGEN] != bgen \
+        if p[L.PB_GEN] != gen or p[L.PB_ENTRY] != e or p[L.PB_BLOBGEN] != bgen \
                 or L.BLOB_DATA + p[L.PB_CAPACITY] > seg.size:
             seg.close()
             raise CorruptSegment(f"blob {seg.name!r} of channel {self.name!r} has inconsistent parameters")
@@ -1040,11 +1073,11 @@ class _Chan:
         if not self.reserve:
             return
         ring = self.rings[0]
-        for slot in range(ring.cap):
-            info = _SLOT_BLOB(ring.tx_addr, slot)
-            if info > 0:
+        for e in range(ring.cap):
+            info = _BLOB_INFO(ring.tx_addr, e)
+            if info > 0 and info & 0xFF:
                 try:
-                    self._blob_seg(0, slot, info >> 8, populate=True)
+                    self._blob_seg(0, e, info >> 8, populate=True)
                 except (SegmentNotFound, CorruptSegment):
                     pass
 
@@ -1052,56 +1085,84 @@ class _Chan:
         with self.blob_lock:
             old = self.blobs.get(key)
             self.blobs[key] = (bgen, seg)
+            self._set_blobmap(key, (bgen, seg))
         if old is not None and old[1] is not seg:
             old[1].close()
 
-    def _blob_for_write(self, ring: _Ring, pos: int, n: int) -> Segment:
-        """The blob of the claimed slot ``pos``, grown to hold ``n`` bytes."""
+    def _take_entry(self, ring: _Ring, pos: int, lg: int) -> int:
+        """A pool entry for the message of the claimed slot ``pos``, preferably with a blob of ``2**lg``."""
+        for k in range(2000):
+            e = _BLOB_TAKE(ring.tx_addr, pos, lg)
+            if e >= 0:
+                return e
+            if e != R.BUSY:
+                raise Closed(f"channel {self.name!r} was closed while this message was being sent; "
+                             "it was not sent")
+            # Every entry was taken while we looked: others are moving them. Never for long.
+            time.sleep(0 if k < 100 else 0.001)
+        raise CorruptSegment(f"channel {self.name!r}: its blob pool has no free entry, yet a free one "
+                             "is always there; its ring is corrupt")
+
+    def _entry_info(self, addr: int, e: int) -> tuple[int, int]:
+        """(bgen, log2 capacity) of the blob of entry ``e``, which we hold; lg 0: none."""
+        info = _BLOB_INFO(addr, e)
+        if info == R.CLOSED:
+            raise Closed(f"channel {self.name!r} was closed in this process")
+        if info < 0 or info & 0xFF > 47:
+            raise CorruptSegment(f"blob pool entry {e} of channel {self.name!r} is corrupt")
+        return info >> 8, info & 0xFF
+
+    def _blob_for_write(self, ring: _Ring, pos: int, e: int, n: int) -> Segment:
+        """Entry ``e``'s blob (taken for ``pos``), grown to hold ``n`` bytes."""
         addr = ring.tx_addr
-        slot = pos % ring.cap
-        info = _SLOT_BLOB(addr, pos)
-        bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
-        if not info:
-            # No blob now, but the slot may have had some: a producer killed
-            # inside Segment.create, or a reader that dropped it, left its
-            # generation. Never restart at 1: a process still mapping an
-            # older blob of that name would read (or write) that one.
-            bgen = max(0, _SLOT_WORD(addr, pos, L.SL_BLOB_GEN))
-            if bgen:
-                unlink_name(self._blob_name(ring.gen, slot, bgen))     # a killed creator's, if any
-        if bcap >= n:
+        bgen, lg = self._entry_info(addr, e)
+        if lg and 1 << lg >= n:
             try:
-                seg = self._blob(ring.gen, slot, bgen)
+                seg = self._blob(ring.gen, e, bgen)
             except (SegmentNotFound, CorruptSegment):
                 seg = None
             # The copy goes by address: check against the mapping, never the shared words alone.
             if seg is not None and seg.params[L.PB_CAPACITY] >= n and L.BLOB_DATA + n <= seg.size:
                 return seg
-        # Replace it. The slot's blob_gen always names the only blob that may
-        # exist for this slot: unlink it, bump the generation, then create.
-        self._unlink_blob(ring.gen, slot, bgen, bcap)
+        # Replace it. The entry's bgen always names the only blob that may
+        # exist for it: mark it gone (low byte 0, same generation: a holder
+        # killed from here on leaves a state the next one handles), unlink
+        # it, bump the generation, then create. With no blob now the
+        # generation stays: a holder killed inside Segment.create may have
+        # left that name. Never restart at 1: a process still mapping an
+        # older blob of that name would use it.
+        if lg:
+            _SET_BLOB_INFO(addr, e, bgen << 8)
+            self._unlink_blob(ring.gen, e, bgen, 1 << lg)
+        elif bgen:
+            unlink_name(_blob_name(self.family, ring.gen, e, bgen))     # a killed creator's, if any
         bgen += 1
-        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_GEN, bgen)
-        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
+        _SET_BLOB_INFO(addr, e, bgen << 8)
         cap = max(BLOB_MIN, _round_pow2(n))
-        seg = _new_blob(self.family, self.name, ring.gen, slot, bgen, cap)
-        _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, cap)
+        seg = _new_blob(self.family, self.name, ring.gen, e, bgen, cap)
+        _SET_BLOB_INFO(addr, e, bgen << 8 | (cap.bit_length() - 1))
         W.fetch_add(self.ctrl.w, L.CH_BLOB_BYTES >> 3, cap)
         W.fetch_add(self.ctrl.w, L.CH_BLOB_SEGMENTS >> 3, 1)
-        self._keep_blob((ring.gen, slot), bgen, seg)
+        self._keep_blob((ring.gen, e), bgen, seg)
         return seg
 
-    def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int) -> None:
-        """Fill the claimed slot's blob with ``parts`` and publish; tombstone on failure.
+    def _write_blob(self, ring: _Ring, pos: int, kind: int, parts, n: int, held: bool = False) -> None:
+        """Take a pool entry, fill its blob with ``parts`` and publish; on failure give it back and tombstone.
 
-        Counted as in flight (close() waits for it before unmapping) since
-        the copy writes to the blob by address.
+        ``held``: push_blob_at claimed ``pos`` and may have taken an entry
+        (its slot names it). Counted as in flight (close() waits for it
+        before unmapping) since the copy writes to the blob by address.
         """
         self.inflight += 1
+        e = -1
         try:
+            if held:
+                e = _BLOB_ENTRY(ring.tx_addr, pos)
             if self.closed:
                 raise Closed(f"channel {self.name!r} was closed in this process")
-            seg = self._blob_for_write(ring, pos, n)
+            if e < 0:
+                e = self._take_entry(ring, pos, max(BLOB_MIN, _round_pow2(n)).bit_length() - 1)
+            seg = self._blob_for_write(ring, pos, e, n)
             at = seg.addr + L.BLOB_DATA
             for part in parts:
                 if type(part) is bytes:
@@ -1114,6 +1175,8 @@ class _Chan:
                     seg.u8[at - seg.addr:at - seg.addr + m] = a
                 at += m
         except BaseException:
+            if e >= 0:
+                _BLOB_GIVE(ring.tx_addr, pos, e)
             _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
             raise
         finally:
@@ -1123,24 +1186,26 @@ class _Chan:
                          "it was not sent")
 
     def _read_blob(self, ring: _Ring, pos: int, meta: int, lend: int = 0):
-        """Decode the blob message of the claimed slot ``pos``, then release the slot.
+        """Decode the blob message of the claimed slot ``pos``, then give back its entry and the slot.
 
         ``lend`` (the receiving descriptor's address): raw bytes and arrays
-        are lent in place, as a MessageView (the slot stays claimed and the
-        ring pinned until the view is released, see ``_Loan``); anything
-        else is decoded as usual.
+        are lent in place, as a MessageView (the slot and its entry stay
+        claimed and the ring pinned until the view is released, see
+        ``_Loan``); anything else is decoded as usual.
         """
         addr = ring.rx_addr
-        slot = pos % ring.cap
         n = meta & L.META_LEN_MASK
         kind = (meta >> L.META_KIND_SHIFT) & 0xFF
         lent = False
         try:
-            info = _SLOT_BLOB(addr, pos)
-            bgen, bcap = info >> 8, (1 << (info & 0xFF)) if info else 0
+            e = _BLOB_ENTRY(addr, pos)
+            if e < 0:
+                raise CorruptSegment(f"no blob pool entry holds the message at position {pos}")
+            bgen, lg = self._entry_info(addr, e)
+            bcap = 1 << lg if lg else 0
             if n > bcap:
                 raise CorruptSegment(f"a message of {n} bytes in a blob of {bcap}")
-            seg = self._blob(ring.gen, slot, bgen)
+            seg = self._blob(ring.gen, e, bgen)
             a, b = L.BLOB_DATA, L.BLOB_DATA + n
             arr = self._lendable(seg, kind, a, n) if lend else None
             if arr is not None:
@@ -1166,11 +1231,11 @@ class _Chan:
         except (SegmentNotFound, CorruptSegment) as e:
             raise DecodeError(f"a large message on channel {self.name!r} was lost: {e}") from None
         finally:
-            if not lent:        # else the loan releases the slot (and its blob, if need be)
+            if not lent:        # else the loan releases the slot (and its entry) when done
                 self._after_blob_read(ring, addr, pos, n)
 
     def _after_blob_read(self, ring: _Ring, addr: int, pos: int, n: int, locks: bool = True) -> None:
-        """Release the slot of a blob message read; drop its blob if it will not be reused.
+        """Give back the entry and the slot of a blob message read; drop the blob if it will not be reused.
 
         ``locks=False`` (a loan released by the garbage collector, which may
         run while this very thread holds ``blob_lock``): no lock is taken and
@@ -1178,20 +1243,25 @@ class _Chan:
         """
         if self.closed:
             return      # a loan outliving its channel: the slot went with it (close() recovered it)
-        slot = pos % ring.cap
         self._blob_reads += 1
         try:
-            # Keep the blob for the next message through this slot, unless the
-            # ring is sealed (never reused) or the channel holds too much
-            # (checked every 64 reads, and for every blob of 1 MiB or more)
-            # and this blob is more than reserve= promised to keep.
-            sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2) > 0    # (CLOSED is -9)
-            if sealed or (locks and (not self._blob_reads & 63 or n >= 1 << 20)
-                          and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
-                info = _SLOT_BLOB(addr, pos)
-                if info > 0 and (sealed or 1 << (info & 0xFF) > self.reserve):
-                    _SET_SLOT_WORD(addr, pos, L.SL_BLOB_CAP, 0)
-                    self._unlink_blob(ring.gen, slot, info >> 8, 1 << (info & 0xFF), locks)
+            e = _BLOB_ENTRY(addr, pos)
+            if e < 0:
+                return
+            try:
+                # Keep the blob for the next message, unless the ring is sealed
+                # (never reused) or the channel holds too much (checked every
+                # 64 reads, and for every blob of 1 MiB or more) and this blob
+                # is more than reserve= promised to keep.
+                sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2) > 0    # (CLOSED is -9)
+                if sealed or (locks and (not self._blob_reads & 63 or n >= 1 << 20)
+                              and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
+                    info = _BLOB_INFO(addr, e)
+                    if info > 0 and info & 0xFF and (sealed or 1 << (info & 0xFF) > self.reserve):
+                        _SET_BLOB_INFO(addr, e, info & ~0xFF)       # the generation stays
+                        self._unlink_blob(ring.gen, e, info >> 8, 1 << (info & 0xFF), locks)
+            finally:
+                _BLOB_GIVE(addr, pos, e)
         finally:
             _RELEASE(addr, pos)
 
@@ -1224,6 +1294,24 @@ class _Chan:
         for part in parts:
             n += part.nbytes if isinstance(part, (np.ndarray, memoryview)) else len(part)
         return kind, parts, n
+
+    def finish_claimed(self, data, pushed: int) -> None:
+        """Finish the send the fast path's builtin left at ``CLAIMED - p``.
+
+        It claimed position ``p`` of the (one) ring, and maybe took a pool
+        entry, for a blob this process has not mapped. Whatever goes wrong
+        here, the slot is tombstoned and the entry given back.
+        """
+        ring, pos = self.rings[0], R.CLAIMED - pushed
+        try:
+            kind, parts, n = self.parts_of(data)
+        except BaseException:
+            e = _BLOB_ENTRY(ring.tx_addr, pos)
+            if e >= 0:
+                _BLOB_GIVE(ring.tx_addr, pos, e)
+            _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
+            raise
+        self._write_blob(ring, pos, kind, parts, n, held=True)
 
     def send(self, obj, data, deadline, blocking=True) -> None:
         """The slow path of a send: blocking, large messages, generations, errors."""
@@ -1710,11 +1798,10 @@ class _Chan:
     def _destroy(self) -> None:
         """Unlink every segment of this channel."""
         for gen, ring in list(self.rings.items()):
-            for slot in range(ring.cap):
-                bcap = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_CAP)
-                bgen = _SLOT_WORD(ring.tx_addr, slot, L.SL_BLOB_GEN)
-                if bcap > 0 or bgen > 0:
-                    unlink_name(self._blob_name(gen, slot, bgen))
+            for e in range(ring.cap):
+                info = _BLOB_INFO(ring.tx_addr, e)
+                if info > 0:
+                    unlink_name(_blob_name(self.family, gen, e, info >> 8))
             if gen > 0:
                 unlink_name(self._ring_name(gen))
         unlink_family(self.family)

@@ -60,15 +60,16 @@ def bounded(capacity: int, *, name: str | None = None, codec: str = "msgpack",
     reachable through the handles, which pickle by name). ``codec`` is
     ``"msgpack"`` (default), ``"pickle"``, ``"bytes"`` or ``"numpy"``.
     ``slot_size`` is the largest message in bytes carried inline in a slot
-    (default 224); larger messages travel through a per-slot blob segment.
+    (default 480); larger messages travel through blob segments, taken from
+    a pool of ``capacity`` (the one freed last first, so it is still in cache).
 
-    ``reserve``: make every slot's blob now, for encoded messages up to this
+    ``reserve``: make every pool entry's blob now, for encoded messages up to this
     many bytes (rounded up to a power of two), and keep them for the
     channel's life: the first large messages then pay no fresh shared
     memory (64 MiB: ~40 ms), and a ``/dev/shm`` too small for
     ``capacity * reserve`` raises ``OutOfSharedMemory`` here, not
     mid-stream. Handles opened elsewhere map these blobs when they attach.
-    Larger messages still work (their slot's blob grows).
+    Larger messages still work (the blob they go through grows).
     """
     if isinstance(capacity, bool) or not isinstance(capacity, int):
         raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
@@ -518,7 +519,7 @@ def _deadline(timeout):
 # an unbounded channel replaces them when it moves to a new ring.
 
 def _make_send(c: _Chan, blocking: bool):
-    raw, fenc, enc, slow = c.raw, c.fast_encode, c.encode, c.send
+    raw, fenc, enc, slow, finish, CLAIMED = c.raw, c.fast_encode, c.encode, c.send, c.finish_claimed, R.CLAIMED
 
     if blocking:
         def send(obj, timeout=None):
@@ -533,8 +534,13 @@ def _make_send(c: _Chan, blocking: bool):
                     data = enc(obj)             # raises the codec's EncodeError
             # Pushed inline, retried briefly while full; anything else (too
             # big, not bytes, full for longer, closed...) takes the general path.
-            if c.push_b_spin(data) == 0:
+            # A blob message too (bounded channels): claimed, written, published
+            # if the blob it takes is mapped here, else claimed for finish().
+            r = c.push_b_spin(data)
+            if r == 0:
                 return
+            if r <= CLAIMED:
+                return finish(data, r)
             slow(obj, data, deadline_of(timeout))
         send.__doc__ = Sender.send.__doc__
         return send
@@ -547,8 +553,11 @@ def _make_send(c: _Chan, blocking: bool):
                 data = fenc(obj)
             except Exception:
                 data = enc(obj)
-        if c.push_b(data) == 0:
+        r = c.push_b(data)
+        if r == 0:
             return
+        if r <= CLAIMED:
+            return finish(data, r)
         slow(obj, data, None, blocking=False)
     try_send.__doc__ = Sender.try_send.__doc__
     return try_send

@@ -294,3 +294,31 @@ def send_arrays_by_name(name: str, n: int, length: int, q):
     for k in range(n):
         tx.send(np.full(length, k, np.float64), timeout=60)
     tx.close()
+
+
+def blob_sender(tx):
+    """Send 300 KB messages (blobs), each one byte repeated, until killed."""
+    k = 0
+    while True:
+        tx.send(bytes([k % 256]) * 300_000, timeout=60)
+        k += 1
+
+
+def die_while_growing_a_blob(tx):
+    """Send a 5000 B blob message, then SIGKILL ourselves right after unlinking that blob to grow it."""
+    import signal
+    from shm import _chan
+    tx.send(b"a" * 5000, timeout=30)
+
+    real = _chan._Chan._unlink_blob
+
+    def unlink_then_die(self, *args, **kw):
+        real(self, *args, **kw)
+        os.kill(os.getpid(), signal.SIGKILL)
+    _chan._Chan._unlink_blob = unlink_then_die
+    tx.send(b"b" * 100_000, timeout=30)
+
+
+def recv_by_name(name: str, q):
+    with shm.Receiver.open(name) as rx:
+        q.put(rx.recv(timeout=30))

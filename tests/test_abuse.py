@@ -148,10 +148,10 @@ def test_derived_segments_opened_as_structures(d):
     tx.send("x" * 5000)                            # a blob segment
     fam = tx._c.family
     derived = sorted(n for n in os.listdir("/dev/shm") if n.startswith(fam) and n != tx.name)
-    assert any("s" in n[len(fam):] for n in derived) and any("s" not in n[len(fam):] for n in derived)
+    assert any("p" in n[len(fam):] for n in derived) and any("p" not in n[len(fam):] for n in derived)
     shards = [n for n in os.listdir("/dev/shm") if n.startswith(d._family) and n != d.name]
     for name in derived + shards:
-        kind = "dict shard" if name in shards else "blob" if "s" in name[len(fam):] else "ring"
+        kind = "dict shard" if name in shards else "blob" if "p" in name[len(fam):] else "ring"
         for open_ in (shm.Receiver.open, shm.Queue.open):
             with pytest.raises(shm.WrongKind, match=f"holds a {kind}, not a channel"):
                 open_(name)

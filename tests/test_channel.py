@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import shm
+from kernels import ring as R
 from conftest import COUNT
 import _workers as W
 
@@ -641,11 +642,11 @@ def test_parked_receiver_uses_no_cpu(ctx):
 
 
 # --------------------------------------------------------------------------
-# reserve=: every slot's blob made with the channel.
+# reserve=: every pool entry's blob made with the channel.
 
 def _blob_files(tx):
     fam = tx._c.family
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(fam) and "b" in f[len(fam):])
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith(fam) and "p" in f[len(fam):])
 
 
 def test_reserve_makes_every_slot_blob_up_front():
@@ -719,4 +720,93 @@ def test_reserve_rendezvous_and_bad_values():
         shm.unbounded(reserve=1 << 20)
     tx, rx = shm.bounded(2, reserve=0)
     assert tx.stats().blob_segments == 0
+    tx.close(); rx.close()
+
+
+# --------------------------------------------------------------------------
+# The blob pool: large messages take the blob freed last.
+
+def _held_entries(tx):
+    d = tx._c.rings[0].dtx      # (kernel() refuses a rendezvous channel)
+    return [e for e in range(int(d[R.D_CAP])) if R.blob_state_at(d.ctypes.data, e) != 0]
+
+
+def test_a_stream_of_large_messages_reuses_the_blob_freed_last():
+    tx, rx = shm.bounded(16, codec="bytes")
+    m = os.urandom(1 << 20)
+    for _ in range(40):
+        tx.send(m)
+        assert rx.recv() == m
+    assert tx.stats().blob_segments == 1        # one hot blob (a blob per slot made 16)
+    for k in range(10):                         # three in flight at a time: three blobs
+        for j in range(3):
+            tx.send(m[j + k:])
+        for j in range(3):
+            assert rx.recv() == m[j + k:]
+    assert tx.stats().blob_segments == 3
+    assert _held_entries(tx) == []
+    tx.close(); rx.close()
+
+
+def test_blob_pool_under_mpmc_mixed_sizes():
+    """Two producers, two consumers, inline and blob messages of many sizes: each arrives once, intact."""
+    tx, rx = shm.bounded(6, codec="bytes")
+    n = max(200, COUNT // 50)
+
+    def produce(tag):
+        for i in range(n):
+            size = (i * 7919 + tag * 104729) % 300_000
+            tx.send(bytes([tag, i % 251]) + (b"%d" % i).ljust(8, b".") + bytes([i % 256]) * size, timeout=60)
+
+    got = collections.Counter()
+    lock = threading.Lock()
+
+    def consume():
+        while True:
+            try:
+                m = rx.recv(timeout=10)
+            except shm.Empty:
+                return
+            i = int(m[2:10].rstrip(b"."))
+            assert m[1] == i % 251 and len(m) == 10 + (i * 7919 + m[0] * 104729) % 300_000
+            assert m[10:] == bytes([i % 256]) * (len(m) - 10)
+            with lock:
+                got[(m[0], i)] += 1
+            if sum(got.values()) == 2 * n:
+                return
+
+    ts = [threading.Thread(target=produce, args=(t,)) for t in (1, 2)] + \
+         [threading.Thread(target=consume) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert got == collections.Counter({(t, i): 1 for t in (1, 2) for i in range(n)})
+    assert _held_entries(tx) == [] and tx.stats().blob_segments <= 6
+    tx.close(); rx.close()
+
+
+def test_rendezvous_large_send_timing_out_gives_its_blob_back():
+    """Regression: a blob message taken back unread kept its pool entry, and the next large send hung."""
+    tx, rx = shm.rendezvous(codec="bytes")
+    big = b"r" * 50_000
+    for _ in range(3):
+        with pytest.raises(shm.Full):
+            tx.send(big, timeout=0.05)
+        assert _held_entries(tx) == []
+    t = threading.Thread(target=tx.send, args=(big + b"!",), kwargs={"timeout": 30})
+    t.start()
+    assert rx.recv(timeout=30) == big + b"!"
+    t.join(30)
+    assert _held_entries(tx) == []
+    tx.close(); rx.close()
+
+
+def test_a_large_send_with_a_huge_timeout():
+    """Regression: the builtin claimed the slot, then computing the deadline raised: the channel wedged."""
+    tx, rx = shm.bounded(2, codec="bytes")
+    big = b"h" * 10_000
+    tx.send(big, timeout=10 ** 400)
+    tx.send(b"small")
+    assert rx.recv(timeout=5) == big and rx.recv(timeout=5) == b"small"
     tx.close(); rx.close()

@@ -20,6 +20,7 @@ import time
 import pytest
 
 import shm
+from kernels import ring as R
 import _report
 import _workers as W
 from conftest import COUNT, KILL_ROUNDS
@@ -221,3 +222,56 @@ class _NullSender:
 
 def _null_sender():
     return _NullSender()
+
+
+def test_killed_blob_senders_leak_no_pool_entry():
+    """Producers SIGKILLed mid-send of blob messages, again and again: every pool entry comes back."""
+    tx, rx = shm.bounded(4, codec="bytes")
+    rng = random.Random(5)
+    got = 0
+    for _ in range(max(4, KILL_ROUNDS)):
+        p = FORK.Process(target=W.blob_sender, args=(tx,))
+        p.start()
+        for _ in range(rng.randrange(1, 5)):
+            m = rx.recv(timeout=30)
+            assert m == bytes([m[0]]) * 300_000
+            got += 1
+        time.sleep(rng.uniform(0, 0.004))
+        _kill(p)
+        while True:             # what it published arrives whole; its claim is recovered meanwhile
+            try:
+                m = rx.recv(timeout=2)
+            except shm.Empty:
+                break
+            assert m == bytes([m[0]]) * 300_000
+            got += 1
+        a = tx.kernel().ctypes.data
+        assert [R.blob_state_at(a, e) for e in range(4)] == [0, 0, 0, 0]
+        assert tx.stats().blob_segments <= 4
+    _report.add("channel: blob senders SIGKILLed, every blob pool entry given back", max(4, KILL_ROUNDS))
+    assert got > 0
+    tx.close(); rx.close()
+
+
+def test_producer_killed_while_growing_a_blob():
+    """Killed between marking its entry's blob gone and unlinking it: the next holder makes a new one,
+    and a process that never mapped the old blob reads what it carries (regression: the entry still
+    named the unlinked blob, so a process with it mapped wrote there and the message was lost)."""
+    name = f"grow{os.getpid()}"
+    tx, rx = shm.bounded(1, codec="bytes", name=name)
+    p = FORK.Process(target=W.die_while_growing_a_blob, args=(tx,))
+    p.start()
+    assert rx.recv(timeout=30) == b"a" * 5000       # we map that blob now
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    with pytest.raises(shm.Empty):
+        rx.recv(timeout=3)                          # its claim is recovered (a tombstone) meanwhile
+    tx.send(b"q" * 5000, timeout=10)                # fits the old blob, which must not be used
+    spawn = mp.get_context("spawn")
+    q = spawn.Queue()
+    c = spawn.Process(target=W.recv_by_name, args=(name, q))
+    c.start()
+    assert q.get(timeout=120) == b"q" * 5000
+    c.join(30)
+    assert c.exitcode == 0
+    tx.close(); rx.close()

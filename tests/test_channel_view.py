@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shm
+from kernels import ring as R
 
 FORK = mp.get_context("fork")
 
@@ -139,6 +140,10 @@ def test_a_killed_holder_never_wedges_the_others():
         tx.send(BIG[:-1] + bytes([i]), timeout=30)
         with rx.recv_view(timeout=30) as v:
             assert v.value[-1] == i
+    # And so does the blob pool entry the dead holder had: none is held, two blobs at most.
+    a = tx.kernel().ctypes.data
+    assert [R.blob_state_at(a, e) for e in range(2)] == [0, 0]
+    assert tx.stats().blob_segments <= 2
     tx.close()
     rx.close()
 

@@ -131,10 +131,12 @@ for i in range(3):
 
 def ring_words(ring_off, cap, slot):
     out = [ring_off + L.RG_TAIL, ring_off + L.RG_HEAD, ring_off + L.RG_CAP, ring_off + L.RG_SLOT,
-           ring_off + L.RG_BASE, ring_off + L.RG_GEN]
+           ring_off + L.RG_BASE, ring_off + L.RG_GEN, ring_off + L.RG_BLOB_HINT]
     for i in range(cap):
         s = ring_off + L.RING_HEADER + i * slot
-        out += [s + L.SL_STAMP, s + L.SL_META, s + L.SL_BLOB_GEN, s + L.SL_BLOB_CAP]
+        out += [s + L.SL_STAMP, s + L.SL_META, s + L.SL_BLOB]
+        e = ring_off + L.RING_HEADER + cap * slot + i * L.BE_SIZE
+        out += [e + L.BE_STATE, e + L.BE_INFO]
     return out
 
 def plausible(rng, cur, cap):
@@ -269,7 +271,7 @@ for seed in map(int, sys.argv[1:]):
         if n == name:
             hot = HOT_CHAN + ring_words(c.rings[0].ring_off, c.rings[0].cap, c.slot)
             cap = c.rings[0].cap
-        elif "s" not in n[len(family):]:
+        elif "p" not in n[len(family):]:
             cap = _chan.RING0_UNBOUNDED << 1
             hot = ring_words(L.ring_layout(1, c.slot)["ring"], min(cap, 64), c.slot)
         else:

@@ -15,7 +15,7 @@ LINE = L.CACHE_LINE
 
 
 def test_the_layouts_we_expect_are_declared():
-    assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT",
+    assert set(LAYOUTS) == {"SEGMENT", "CHANNEL", "PARTICIPANT", "TOKEN", "RING", "SLOT", "BLOB_ENTRY",
                             "DICT", "SHARD_ENTRY", "SHARD", "RECORD", "SYNC", "BROADCAST", "BSLOT",
                             "POOL", "WORKER", "CHUNK"}
     assert LINE == 128 and L.WORD == 8
@@ -123,11 +123,13 @@ def _check_channel_layout(cap, slot):
     parts, toks, ring, size = lay["participants"], lay["tokens"], lay["ring"], lay["size"]
     for off in (parts, toks, ring):
         assert off % LINE == 0
-    # header | control block | participants | tokens | ring header | slots, in order, disjoint.
+    # header | control block | participants | tokens | ring header | slots | blob pool, in order, disjoint.
     assert L.CH_END <= parts
     assert parts + L.MAX_PARTICIPANTS * L.PT_SIZE <= toks
     assert toks + L.MAX_TOKENS * L.TK_SIZE <= ring
-    assert ring + L.RING_HEADER + cap * slot == size
+    assert ring + L.RING_HEADER + cap * slot == lay["pool"]
+    assert lay["pool"] + cap * L.BE_SIZE == size
+    assert all((lay["pool"] + k * L.BE_SIZE + L.BE_STATE) % 8 == 0 for k in range(min(cap, 64)))
     # Every atomic word of every participant, token and slot is 8-byte aligned.
     assert all((parts + k * L.PT_SIZE + L.PT_STATE) % 8 == 0 for k in range(L.MAX_PARTICIPANTS))
     assert all((toks + k * L.TK_SIZE + L.TK_STATE) % 8 == 0 for k in range(L.MAX_TOKENS))
@@ -136,6 +138,7 @@ def _check_channel_layout(cap, slot):
     assert all((slots + k * slot + L.SL_STAMP) % 8 == 0 for k in range(min(cap, 64)))
     # The ring's hot words sit on their own lines in absolute terms too.
     assert (ring + L.RG_HEAD) % LINE == 0 and (ring + L.RG_TAIL) % LINE == 0
+    assert (ring + L.RG_BLOB_HINT) % LINE == 0
 
 
 def test_ring_layout():
@@ -144,7 +147,8 @@ def test_ring_layout():
             lay = L.ring_layout(cap, slot)
             assert lay["ring"] % LINE == 0
             assert lay["ring"] >= L.SEG_HEADER
-            assert lay["size"] == lay["ring"] + L.RING_HEADER + cap * slot
+            assert lay["pool"] == lay["ring"] + L.RING_HEADER + cap * slot
+            assert lay["size"] == lay["pool"] + cap * L.BE_SIZE
             assert (lay["ring"] + L.RING_HEADER) % LINE == 0
 
 
@@ -171,8 +175,9 @@ CONSTANTS = {
     "TK_": (L.TOKEN, 0, {"STATE": "state", "CREATED": "created_ns", "LENDER_PID": "lender_pid",
                          "LENDER_START": "lender_start"}),
     "RG_": (L.RING, 0, {"TAIL": "tail", "HEAD": "head", "CAP": "cap", "SLOT": "slot", "BASE": "base",
-                        "GEN": "gen"}),
-    "SL_": (L.SLOT, 0, {"STAMP": "stamp", "META": "meta", "BLOB_GEN": "blob_gen", "BLOB_CAP": "blob_cap"}),
+                        "GEN": "gen", "BLOB_HINT": "blob_hint"}),
+    "SL_": (L.SLOT, 0, {"STAMP": "stamp", "META": "meta", "BLOB": "blob", "PAD": "pad"}),
+    "BE_": (L.BLOB_ENTRY, 0, {"STATE": "state", "INFO": "info"}),
     "DC_": (L.DICT, L.DC_BASE, {
         "ROLES": "roles", "ROLES2": "roles2", "TOKENS": "tokens", "TOKENS2": "tokens2", "WAITERS": "waiters",
         "WAITERS2": "waiters2", "GROWTHS": "growths", "REPAIRS": "repairs", "REAPED": "reaped"}),
@@ -204,7 +209,7 @@ def test_no_unexplained_offset_constants():
     # A new SEG_/CH_/... constant must be added to CONSTANTS (or to the
     # non-offset list here), so it cannot drift from its layout unnoticed.
     not_offsets = {"SEG_HEADER", "SEG_INIT", "SEG_OPEN", "SEG_UNLINKED", "SEG_CLOSING", "SEG_STATE_MASK",
-                   "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE", "DC_BASE", "DC_END", "SE_SIZE", "SH_BASE",
+                   "CH_BASE", "CH_END", "PT_SIZE", "TK_SIZE", "BE_SIZE", "DC_BASE", "DC_END", "SE_SIZE", "SH_BASE",
                    "SH_END", "SY_BASE", "SY_END", "BC_BASE", "BC_END", "BS_DATA"}
     known = {p + c for p, (_, _, t) in CONSTANTS.items() for c in t} | not_offsets
     found = {n for n in vars(L) if n.startswith(tuple(CONSTANTS)) and isinstance(getattr(L, n), int)}

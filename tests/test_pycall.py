@@ -69,7 +69,13 @@ def test_push_of_anything_but_bytes_pushes_nothing(chan):
 
 def test_too_big_full_and_other_kinds_are_left_to_the_caller(chan):
     tx, rx, ct, cr = chan
-    assert ct.push_b(b"x" * (ct.inline + 1)) == R.TOO_BIG
+    big = b"x" * (ct.inline + 1)
+    r = ct.push_b(big)
+    assert r == R.CLAIMED - 0               # no blob mapped here yet: position 0 claimed, left to us
+    ct.finish_claimed(big, r)               # the general path finishes it, and maps the blob
+    assert rx.recv() == big                 # its pool entry is free again, and the hint
+    assert ct.push_b(big + b"!") == R.OK    # now the builtin does the whole send
+    assert rx.recv() == big + b"!"
     assert ct.push_b(b"x" * ct.inline) == R.OK
     r = cr.pop_b(cr.kind + 1)                     # a message of another kind: pop_at's int
     assert isinstance(r, int) and r >= 0 and r >> R.LEN_SHIFT == ct.inline and r & 0xFF == cr.kind
@@ -101,3 +107,25 @@ def test_closed_descriptor_answers_closed():
     gc.collect()
     assert push(b"x") == R.CLOSED
     assert pop(kind) == R.CLOSED
+
+
+def test_blob_push_is_left_to_the_caller_where_there_is_no_map():
+    """Unbounded: a send finishing a claim must find the ring the builtin used; generations move."""
+    tx, rx = shm.unbounded(codec="bytes")
+    big = b"u" * 5000
+    assert tx._c.push_b(big) == R.TOO_BIG
+    tx.send(big)
+    assert tx._c.push_b(big) == R.TOO_BIG       # even with the blob mapped: nothing claimed
+    assert rx.recv() == big and len(rx) == 0
+    tx.close(); rx.close()
+
+
+def test_blob_push_full_claims_nothing():
+    tx, rx = shm.bounded(2, codec="bytes")
+    big = b"f" * 5000
+    tx.send(big); tx.send(big)
+    assert tx._c.push_b(big) == R.FULL
+    assert [rx.recv(), rx.recv()] == [big, big]
+    with pytest.raises(shm.Empty):
+        rx.try_recv()
+    tx.close(); rx.close()

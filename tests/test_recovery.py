@@ -228,10 +228,10 @@ def _close_while_thread_holds_slot(tx):
     paused, go = threading.Event(), threading.Event()
     real = _chan._Chan._blob_for_write
 
-    def bfw(self, ring, pos, n):
+    def bfw(self, *args):
         paused.set()
         go.wait()
-        return real(self, ring, pos, n)
+        return real(self, *args)
     _chan._Chan._blob_for_write = bfw
     res = []
 

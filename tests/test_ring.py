@@ -169,14 +169,15 @@ def _stamp_at(d, pos):
     return w, off >> 3
 
 
-def test_set_slot_word_writes():
+def test_set_blob_info_writes():
     """Regression: a plain store into a raw-address view was removed as dead code."""
     tx, rx = shm.bounded(4)
     d = tx.kernel()
     a = d.ctypes.data
-    assert R.set_slot_word_at(a, 1, L.SL_BLOB_CAP, 77) == R.OK
-    assert R.slot_word_at(a, 1, L.SL_BLOB_CAP) == 77
-    R.set_slot_word_at(a, 1, L.SL_BLOB_CAP, 0)
+    assert R.set_blob_info_at(a, 1, 77) == R.OK
+    assert R.blob_info_at(a, 1) == 77
+    R.set_blob_info_at(a, 1, 0)
+    assert R.blob_info_at(a, 4) == R.CORRUPT and R.set_blob_info_at(a, -1, 5) == R.CORRUPT
     tx.close(); rx.close()
 
 
@@ -231,6 +232,74 @@ def test_recover_dead_producer_mid_blob():
     r = R.recover_at(tx.kernel().ctypes.data, DEAD)
     assert r & 0xFFFFFFFF == 1
     assert rx.recv(timeout=5) == b"after"
+    tx.close(); rx.close()
+
+
+def _entry_states(d):
+    return [R.blob_state_at(d.ctypes.data, e) for e in range(int(d[R.D_CAP]))]
+
+
+def test_recover_frees_the_pool_entries_of_the_dead():
+    """A dead producer's entry (taken, blob half written) and a dead consumer's (message being read)."""
+    tx, rx = shm.bounded(4, codec="bytes")
+    d = tx.kernel()
+    tx.send(b"y" * 100_000)                 # a blob message at position 0, its entry held for it
+    held = _entry_states(d)
+    assert sorted(held) == [0, 0, 0, 1]     # held for position 0 (state = position + 1)
+    victim = rx.kernel().copy()
+    victim[R.D_ME] = DEAD
+    assert R.try_pop(victim, np.empty(256, np.uint8)) == R.BLOB    # a consumer takes it, then dies
+    dp = tx.kernel().copy()
+    dp[R.D_ME] = DEAD
+    pos = R.claim_push_at(dp.ctypes.data)   # a producer claims position 1 ...
+    assert pos == 1
+    e = R.blob_take_at(dp.ctypes.data, pos, 12)      # ... takes an entry, and dies before publishing
+    assert e >= 0 and _entry_states(d)[e] == 2
+    r = R.recover_at(d.ctypes.data, DEAD)
+    assert (r & 0xFFFFFFFF, r >> 32) == (1, 1)
+    assert _entry_states(d) == [0, 0, 0, 0]
+    tx.send(b"z" * 100_000)
+    assert rx.recv(timeout=5) == b"z" * 100_000
+    assert _entry_states(d) == [0, 0, 0, 0]
+    tx.close(); rx.close()
+
+
+def test_recover_leaves_an_entry_the_dead_producer_only_tried_for():
+    """The slot names the entry a dead taker tried; someone else holds it: recovery must not free it."""
+    tx, rx = shm.bounded(4, codec="bytes")
+    d = tx.kernel()
+    a = d.ctypes.data
+    other = R.blob_take_at(a, 7, 12)        # held for position 7 by a live producer
+    dp = tx.kernel().copy()
+    dp[R.D_ME] = DEAD
+    pos = R.claim_push_at(dp.ctypes.data)
+    w, sw = _stamp_at(d, pos)
+    A.store(w, sw + (L.SL_BLOB >> 3), other, "seq_cst")     # the taker stored it, then lost the CAS and died
+    R.recover_at(a, DEAD)
+    assert _entry_states(d)[other] == 8
+    assert R.blob_give_at(a, 7, other) == R.OK and _entry_states(d) == [0, 0, 0, 0]
+    tx.close(); rx.close()
+
+
+def test_blob_take_prefers_the_last_freed_then_a_large_enough_blob():
+    tx, rx = shm.bounded(4, codec="bytes")
+    a = tx.kernel().ctypes.data
+    for e, lg in ((0, 12), (1, 20), (2, 0), (3, 16)):
+        R.set_blob_info_at(a, e, 1 << 8 | lg)
+    assert R.blob_take_at(a, 0, 16) == 1            # from entry 0 on, the first free one big enough
+    assert R.blob_give_at(a, 0, 1) == R.OK          # entry 1 is the hint now
+    assert R.blob_give_at(a, 0, 1) == R.CORRUPT     # not held any more
+    assert R.blob_take_at(a, 2, 12) == 1            # the hint first, though entry 2 is the slot's own
+    assert R.blob_take_at(a, 2, 14) == 3            # hint taken: from entry 2 on, big enough: 3
+    assert R.blob_take_at(a, 3, 30) == 0            # nothing that large: the first free one from 3 on
+    assert R.blob_take_at(a, 4, 12) == 2
+    assert R.blob_take_at(a, 5, 12) == R.BUSY       # every entry held
+    assert R.blob_give_at(a, 2, 3) == R.OK and R.blob_take_at(a, 5, 12) == 3
+    for pos, e in ((2, 1), (3, 0), (4, 2), (5, 3)):
+        assert R.blob_give_at(a, pos, e) == R.OK
+    assert _entry_states(tx.kernel()) == [0, 0, 0, 0]
+    for e in range(4):
+        R.set_blob_info_at(a, e, 0)
     tx.close(); rx.close()
 
 
