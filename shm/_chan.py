@@ -646,6 +646,8 @@ class _Chan:
             # child was not given (settle_inherited released their role).
             self.registry.set_role(self.me, role)
             self._confirm(role)
+            if self.cold:
+                self._warm_hint()
 
     def release_role(self, role: int) -> None:
         with self.lock:
@@ -701,6 +703,8 @@ class _Chan:
                 self._register()
             self.registry.set_role(self.me, role)
             self._confirm(role)
+            if self.cold:
+                self._warm_hint()
 
     def _check_open(self):
         if self.closed:
@@ -1080,6 +1084,19 @@ class _Chan:
                     self._blob_seg(0, e, info >> 8, populate=True)
                 except (SegmentNotFound, CorruptSegment):
                     pass
+
+    def _warm_hint(self) -> None:
+        """A forked child's first use of a role: map afresh now the inherited blob the next large
+        message most likely goes through (the pool's hint), so a receiver does it while it waits."""
+        for ring in list(self.rings.values()):
+            e = int(ring.seg.w[(ring.ring_off + L.RG_BLOB_HINT) >> 3])
+            if (ring.gen, e) in self.cold:
+                info = _BLOB_INFO(ring.tx_addr, e)
+                if info > 0 and info & 0xFF:
+                    try:
+                        self._blob_seg(ring.gen, e, info >> 8)
+                    except ShmError:
+                        pass
 
     def _keep_blob(self, key, bgen, seg) -> None:
         with self.blob_lock:

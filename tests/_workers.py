@@ -322,3 +322,13 @@ def die_while_growing_a_blob(tx):
 def recv_by_name(name: str, q):
     with shm.Receiver.open(name) as rx:
         q.put(rx.recv(timeout=30))
+
+
+def cold_blobs_after_first_use(rx, q):
+    """A forked child: which inherited blobs are still to be mapped afresh, before and after a first try_recv."""
+    before = sorted(rx._c.cold)
+    try:
+        rx.try_recv()
+    except shm.Empty:
+        pass
+    q.put((before, sorted(rx._c.cold)))

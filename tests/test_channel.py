@@ -810,3 +810,19 @@ def test_a_large_send_with_a_huge_timeout():
     tx.send(b"small")
     assert rx.recv(timeout=5) == big and rx.recv(timeout=5) == b"small"
     tx.close(); rx.close()
+
+
+def test_a_forked_child_maps_the_hint_blob_afresh_at_first_use():
+    """fork() does not copy a shared mapping's page tables: the child maps the likely next blob anew
+    (pages and all) at its first use, and the others when it first needs them."""
+    tx, rx = shm.bounded(2, codec="bytes", reserve=2 << 20)
+    tx.send(b"w" * (1 << 20))
+    assert rx.recv() == b"w" * (1 << 20)         # entry 0 given back: the hint
+    fork = mp.get_context("fork")
+    q = fork.Queue()
+    p = fork.Process(target=W.cold_blobs_after_first_use, args=(rx, q))
+    p.start()
+    before, after = q.get(timeout=60)
+    p.join(30)
+    assert before == [(0, 0), (0, 1)] and after == [(0, 1)]
+    tx.close(); rx.close()
