@@ -345,7 +345,11 @@ def test_pickle_is_never_decoded_on_a_msgpack_channel(ns):
     tx.close(); rx.close(); d.close()
 
 
-def test_spawned_child_gets_handles_by_pickle(ns):
+def test_spawned_child_gets_handles_by_pickle(redis_server):
+    # A handle in transit counts for one lease: 60 s here, not the suite's 2, so a
+    # spawned child slow to start on a loaded machine (it imports numba) never
+    # finds the channel already disconnected (it did once, under load).
+    ns = shm.connect(redis_server.url, lease=60, retry_for=10, claim_after=5)
     tx, rx = ns.bounded(4)
     ctx = mp.get_context("spawn")
     p = ctx.Process(target=_send_then_exit, args=(tx,))
@@ -357,6 +361,8 @@ def test_spawned_child_gets_handles_by_pickle(ns):
     p.join(30)
     assert p.exitcode == 0
     rx.close()
+    left = ns._backend.client().keys("shm:*")
+    assert not left, f"the test left keys in Redis: {sorted(left)[:10]}"
 
 
 def _send_then_exit(tx):
