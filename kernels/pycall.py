@@ -14,8 +14,9 @@ function            ``arg``               returns
 ``push_bytes_spin`` a bytes object        the same, an inline one retried while FULL
                                           (``SPIN``)
 ``pop_bytes``       the codec kind (int)  the message as a new bytes object if it
-                                          is inline and of that kind, else
-                                          ``pop_at``'s int result
+                                          is inline and of that kind (or a blob
+                                          under 1 MiB mapped here: ``_pop_blob``),
+                                          else ``pop_at``'s int result
 ``pop_bytes_spin``  the codec kind (int)  the same, retried while EMPTY (``SPIN``)
 =================== ===================== ==========================================
 
@@ -64,6 +65,8 @@ from numba import types as _types
 from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic as _intrinsic
 
+from . import atomics as _A
+from . import layout as L
 from . import ring as R
 from ._jit import jit
 from .memory import i64_at
@@ -131,6 +134,14 @@ def _new_bytes(typingctx, addr, n):
 
 
 @_intrinsic
+def _is_null(typingctx, p):
+    """``p == NULL`` for a ``PyObject *``."""
+    def codegen(context, builder, sig, args):
+        return _cgutils.is_null(builder, args[0])
+    return _types.boolean(_types.voidptr), codegen
+
+
+@_intrinsic
 def _error_set(typingctx):
     """``PyErr_Occurred() != NULL``."""
     def codegen(context, builder, sig, args):
@@ -190,7 +201,44 @@ def _pop(self, arg, steps):
         d = i64_at(daddr, R.D_LEN)
         at = d[R.D_DST] + ((r >> R.AREA_SHIFT) & R.AREA_MASK) * d[R.D_AREA_SIZE]
         return _new_bytes(at, r >> R.LEN_SHIFT)
+    if r <= R.BLOB_AREA:
+        b = _pop_blob(daddr, r, kind)
+        if not _is_null(b):
+            return b
     return _from_long(r)
+
+
+@jit(inline="always")
+def _pop_blob(daddr, r, kind):
+    """A blob message pop_at claimed (``r`` names its area): as new bytes, read from the blob mapped here.
+
+    Under 1 MiB, of ``kind``, with its blob in the process-local map
+    (bounded channels), while the channel's blobs stay under the budget
+    (``D_BLOB_BUDGET``; over it, Python reads them and drops blobs). NULL
+    (nothing done, no error set) otherwise: the caller returns ``r`` and
+    Python reads the message.
+    """
+    d = i64_at(daddr, R.D_LEN)
+    if d[R.D_BLOBMAP] == 0:
+        return _null()
+    if _A.load(i64_at(d[R.D_CTRL], d[R.D_CTRL_SIZE] >> 3), L.CH_BLOB_BYTES >> 3, "relaxed") > d[R.D_BLOB_BUDGET]:
+        return _null()
+    words = i64_at(d[R.D_DST] + (R.BLOB_AREA - r) * d[R.D_AREA_SIZE], 3)
+    pos = words[0]
+    meta = words[1]
+    n = meta & L.META_LEN_MASK
+    if ((meta >> L.META_KIND_SHIFT) & 0xFF) != kind or n >= (1 << 20) or words[2] != d[R.D_GEN]:
+        return _null()
+    src = R.blob_mapped_at(daddr, pos, n)
+    if src == 0:
+        return _null()
+    b = _new_bytes(src, n)
+    if _is_null(b):
+        _clear_error()              # Python reads it again, and raises MemoryError there
+        return b
+    R.blob_read_done_at(daddr, pos)
+    _A.store(d, R.D_BLOB_READS, d[R.D_BLOB_READS] + 1, "relaxed")     # (never d[i] = v on a raw view)
+    return b
 
 
 @_cfunc(_SIG, cache=True)

@@ -208,6 +208,9 @@ D_FLAGS = 19        # DF_* below
 D_BLOBMAP = 20      # push_blob_at: address of this process's map of the ring's blob pool, int64[3 * cap]:
                     # per entry the bgen, payload address and capacity of its blob as mapped here
                     # (bgen 0: not mapped); 0: no map (push_blob_at answers TOO_BIG)
+D_BLOB_READS = 21   # the pop builtin: blob messages it read itself (informational)
+D_BLOB_BUDGET = 22  # the pop builtin: over this many blob bytes (CH_BLOB_BYTES) it leaves blob
+                    # messages to Python, which drops a blob every 64 reads until under again
 D_LEN = 32
 
 DF_WAKE_ALL_TX = 1  # a release wakes every parked sender (rendezvous: "taken" and "room" waiters share a word)
@@ -979,6 +982,48 @@ def push_blob_at(daddr, src, n):
     _publish(w, d, pos, (n & L.META_LEN_MASK) | (d[D_KIND] << L.META_KIND_SHIFT)
              | (L.FLAG_BLOB << L.META_FLAGS_SHIFT))
     _wake(_ctrl(d), SIDE_RX, 1)
+    return OK
+
+
+@jit("int64(int64, int64, int64)", nogil=False)
+def blob_mapped_at(daddr, pos, n):
+    """Where the ``n``-byte payload of the blob message at ``pos`` (our READING slot) is mapped here, or 0.
+
+    0 unless the entry is held for ``pos`` and the process-local map
+    (``D_BLOBMAP``) has its current blob, large enough.
+    """
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0 or d[D_BLOBMAP] == 0:
+        return 0
+    w = _words(d)
+    e = A.load(w, (_slot_off(d, pos) + L.SL_BLOB) >> 3, "relaxed")
+    if e < 0 or e >= d[D_CAP] or A.load(w, _entry_w(d, e), "acquire") != (pos & POS_MASK) + 1:
+        return 0
+    info = A.load(w, _entry_w(d, e) + 1, "relaxed")
+    lg = info & 0xFF
+    m = i64_at(d[D_BLOBMAP], 3 * d[D_CAP])
+    if lg == 0 or lg > 47 or (1 << lg) < n or m[3 * e] != (info >> 8) or m[3 * e + 2] < n:
+        return 0
+    return m[3 * e + 1]
+
+
+@jit("int64(int64, int64)", nogil=False)
+def blob_read_done_at(daddr, pos):
+    """The pop builtin has read the blob message at ``pos`` itself: give back its entry, then the slot; unpin."""
+    d = i64_at(daddr, D_LEN)
+    if d[D_SIZE] == 0:
+        return CLOSED
+    A.fetch_add(d, D_PINS, -1, "relaxed")
+    w = _words(d)
+    sw = _slot_off(d, pos) >> 3
+    if A.load(w, sw, "relaxed") != stamp(pos, d[D_ME], READING):
+        return CORRUPT      # recovered under us (we were taken for dead): nothing of it is ours
+    e = A.load(w, sw + (L.SL_BLOB >> 3), "relaxed")
+    held = (pos & POS_MASK) + 1
+    if e >= 0 and e < d[D_CAP] and A.cas(w, _entry_w(d, e), held, 0, "release") == held:
+        A.store(w, _hint_w(d), e, "relaxed")
+    _release(w, d, pos)
+    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
     return OK
 
 

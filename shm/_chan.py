@@ -231,7 +231,8 @@ class _Ring:
         # claimed must find the same ring).
         self.blobmap = np.zeros(3 * cap, np.int64) if chan.flavor == L.FLAVOR_BOUNDED else None
         if self.blobmap is not None:
-            self.dtx[R.D_BLOBMAP] = self.blobmap.ctypes.data
+            self.dtx[R.D_BLOBMAP] = self.drx[R.D_BLOBMAP] = self.blobmap.ctypes.data
+            self.drx[R.D_BLOB_BUDGET] = BLOB_BUDGET
         chan.rx0.fill(self.drx)
         self.rx_extra: list[np.ndarray] = []     # other threads' receive descriptors (_Rx)
         self.tx_addr = self.dtx.ctypes.data
@@ -1269,7 +1270,8 @@ class _Chan:
                 # Keep the blob for the next message, unless the ring is sealed
                 # (never reused) or the channel holds too much (checked every
                 # 64 reads, and for every blob of 1 MiB or more) and this blob
-                # is more than reserve= promised to keep.
+                # is more than reserve= promised to keep. (Over the budget, the
+                # pop builtin leaves every blob message to this path.)
                 sealed = self.flavor == L.FLAVOR_UNBOUNDED and _COUNTER(addr, 2) > 0    # (CLOSED is -9)
                 if sealed or (locks and (not self._blob_reads & 63 or n >= 1 << 20)
                               and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):

@@ -826,3 +826,31 @@ def test_a_forked_child_maps_the_hint_blob_afresh_at_first_use():
     p.join(30)
     assert before == [(0, 0), (0, 1)] and after == [(0, 1)]
     tx.close(); rx.close()
+
+
+def _blobs_made(tx):
+    """Blob segments ever created in ring 0's pool (each creation bumps its entry's generation)."""
+    d = tx._c.rings[0].dtx
+    return sum(max(0, R.blob_info_at(d.ctypes.data, e)) >> 8 for e in range(int(d[R.D_CAP])))
+
+
+@pytest.mark.parametrize("shape", ["numpy", "unbounded", "bytes"])
+def test_over_the_blob_budget_blobs_are_dropped_one_read_in_64(monkeypatch, shape):
+    """Regression (review): a channel over its blob budget must not drop, and then re-create, a blob on
+    every read: it drops one every 64 reads (and every blob of 1 MiB or more)."""
+    monkeypatch.setattr(shm._chan, "BLOB_BUDGET", 512 << 10)
+    if shape == "numpy":
+        tx, rx = shm.bounded(8, codec="numpy")
+        make = lambda i: np.full(25_000, i, np.float64)             # ~200 KB
+        same = lambda a, i: a.shape == (25_000,) and (a == i).all()
+    else:
+        tx, rx = (shm.unbounded(codec="bytes") if shape == "unbounded" else shm.bounded(8, codec="bytes"))
+        make = lambda i: bytes([i % 256]) * 200_000
+        same = lambda m, i: m == bytes([i % 256]) * 200_000
+    for i in range(6):                  # a deep queue: 6 blobs held, over the budget
+        tx.send(make(i))
+    for i in range(6, 134):
+        tx.send(make(i))
+        assert same(rx.recv(timeout=10), i - 6)
+    assert _blobs_made(tx) <= 12, _blobs_made(tx)
+    tx.close(); rx.close()

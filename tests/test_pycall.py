@@ -129,3 +129,23 @@ def test_blob_push_full_claims_nothing():
     with pytest.raises(shm.Empty):
         rx.try_recv()
     tx.close(); rx.close()
+
+
+def test_pop_builtin_reads_blob_messages_mapped_here():
+    """Blob messages under 1 MiB come back from the builtin as bytes, larger ones are left to Python;
+    every slot and pool entry is given back either way."""
+    tx, rx = shm.bounded(4, codec="bytes")
+    d = rx._c.rings[0].drx
+    for i in range(200):
+        m = bytes([i % 256]) * (1000 + i * 37)
+        tx.send(m)
+        assert rx.recv() == m
+    assert d[R.D_BLOB_READS] == 200             # every one read by the builtin
+    assert d[R.D_PINS] == 0
+    a = rx._c.rings[0].dtx.ctypes.data
+    assert [R.blob_state_at(a, e) for e in range(4)] == [0, 0, 0, 0]
+    tx.send(b"b" * (1 << 20))                   # 1 MiB and more: left to Python
+    assert rx.recv() == b"b" * (1 << 20)
+    assert d[R.D_BLOB_READS] == 200 and d[R.D_PINS] == 0
+    assert [R.blob_state_at(a, e) for e in range(4)] == [0, 0, 0, 0]
+    tx.close(); rx.close()
