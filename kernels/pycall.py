@@ -15,7 +15,7 @@ function            ``arg``               returns
                                           (``SPIN``)
 ``pop_bytes``       the codec kind (int)  the message as a new bytes object if it
                                           is inline and of that kind (or a blob
-                                          under 1 MiB mapped here: ``_pop_blob``),
+                                          under 8 MiB mapped here: ``_pop_blob``),
                                           else ``pop_at``'s int result
 ``pop_bytes_spin``  the codec kind (int)  the same, retried while EMPTY (``SPIN``)
 =================== ===================== ==========================================
@@ -75,6 +75,7 @@ from .syscalls import _libc_fn as _capi     # an external C function: here CPyth
 ARRAY_DATA_OFF = 16  # offsetof(PyArrayObject_fields, data): numpy's ABI since 1.x; shm/_builtin.py checks it
 SPIN = 7            # backoff steps the spin variants retry for (127 pauses, ~3 us)
 NOT_BYTES = -100    # push: the argument is not a bytes object (nothing was pushed)
+BLOB_READ_MAX = 8 << 20     # pop: larger blob messages are left to Python (shm/_bigcopy.py: two threads)
 
 _I64 = _ir.IntType(64)
 _PTR = _cgutils.voidptr_t
@@ -212,7 +213,7 @@ def _pop(self, arg, steps):
 def _pop_blob(daddr, r, kind):
     """A blob message pop_at claimed (``r`` names its area): as new bytes, read from the blob mapped here.
 
-    Under 1 MiB, of ``kind``, with its blob in the process-local map
+    Under ``BLOB_READ_MAX``, of ``kind``, with its blob in the process-local map
     (bounded channels), while the channel's blobs stay under the budget
     (``D_BLOB_BUDGET``; over it, Python reads them and drops blobs). NULL
     (nothing done, no error set) otherwise: the caller returns ``r`` and
@@ -227,7 +228,7 @@ def _pop_blob(daddr, r, kind):
     pos = words[0]
     meta = words[1]
     n = meta & L.META_LEN_MASK
-    if ((meta >> L.META_KIND_SHIFT) & 0xFF) != kind or n >= (1 << 20) or words[2] != d[R.D_GEN]:
+    if ((meta >> L.META_KIND_SHIFT) & 0xFF) != kind or n >= BLOB_READ_MAX or words[2] != d[R.D_GEN]:
         return _null()
     src = R.blob_mapped_at(daddr, pos, n)
     if src == 0:
