@@ -865,19 +865,26 @@ def pop_many_at(daddr, lens_addr, maxn):
                         i64_at(lens_addr, maxn), maxn)
 
 
+@jit(inline="always")
+def _release_read(w, d, pos):
+    """Free the slot ``pos`` we hold READING and wake a sender; CORRUPT if it is not ours (recovered)."""
+    if A.load(w, _slot_off(d, pos) >> 3, "relaxed") != stamp(pos, d[D_ME], READING):
+        return CORRUPT
+    _release(w, d, pos)
+    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
+    return OK
+
+
 @jit("int64(int64, int64)", nogil=False)
 def release_at(daddr, pos):
     """Free the slot ``pos`` this process claimed with a BLOB pop."""
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    w = _words(d)
-    sw = _slot_off(d, pos) >> 3
-    if A.load(w, sw, "relaxed") != stamp(pos, d[D_ME], READING):
-        return CORRUPT
-    _release(w, d, pos)
-    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
-    return OK
+    return _release_read(_words(d), d, pos)
+
+
+
 
 
 @jit("int64(int64)", nogil=False)
@@ -985,6 +992,25 @@ def push_blob_at(daddr, src, n):
     return OK
 
 
+@jit(inline="always")
+def _held_entry(d, w, pos):
+    """The entry the slot of ``pos`` names, if it is held for ``pos``; else -1."""
+    e = A.load(w, (_slot_off(d, pos) + L.SL_BLOB) >> 3, "relaxed")
+    if e < 0 or e >= d[D_CAP] or A.load(w, _entry_w(d, e), "acquire") != (pos & POS_MASK) + 1:
+        return -1
+    return e
+
+
+@jit(inline="always")
+def _give(d, w, pos, e):
+    """Give back entry ``e`` held for ``pos`` (release: our reads of its blob come first); it becomes the hint."""
+    held = (pos & POS_MASK) + 1
+    if A.cas(w, _entry_w(d, e), held, 0, "release") != held:
+        return False
+    A.store(w, _hint_w(d), e, "relaxed")
+    return True
+
+
 @jit("int64(int64, int64, int64)", nogil=False)
 def blob_mapped_at(daddr, pos, n):
     """Where the ``n``-byte payload of the blob message at ``pos`` (our READING slot) is mapped here, or 0.
@@ -996,8 +1022,8 @@ def blob_mapped_at(daddr, pos, n):
     if d[D_SIZE] == 0 or d[D_BLOBMAP] == 0:
         return 0
     w = _words(d)
-    e = A.load(w, (_slot_off(d, pos) + L.SL_BLOB) >> 3, "relaxed")
-    if e < 0 or e >= d[D_CAP] or A.load(w, _entry_w(d, e), "acquire") != (pos & POS_MASK) + 1:
+    e = _held_entry(d, w, pos)
+    if e < 0:
         return 0
     info = A.load(w, _entry_w(d, e) + 1, "relaxed")
     lg = info & 0xFF
@@ -1015,16 +1041,10 @@ def blob_read_done_at(daddr, pos):
         return CLOSED
     A.fetch_add(d, D_PINS, -1, "relaxed")
     w = _words(d)
-    sw = _slot_off(d, pos) >> 3
-    if A.load(w, sw, "relaxed") != stamp(pos, d[D_ME], READING):
-        return CORRUPT      # recovered under us (we were taken for dead): nothing of it is ours
-    e = A.load(w, sw + (L.SL_BLOB >> 3), "relaxed")
-    held = (pos & POS_MASK) + 1
-    if e >= 0 and e < d[D_CAP] and A.cas(w, _entry_w(d, e), held, 0, "release") == held:
-        A.store(w, _hint_w(d), e, "relaxed")
-    _release(w, d, pos)
-    _wake_sc(_ctrl(d), SIDE_TX, _tx_wakes(d, 1))
-    return OK
+    e = _held_entry(d, w, pos)      # none if we were recovered under us (taken for dead)
+    if e >= 0:
+        _give(d, w, pos, e)
+    return _release_read(w, d, pos)
 
 
 @jit("int64(int64, int64)", nogil=False)
@@ -1033,11 +1053,8 @@ def blob_entry_at(daddr, pos):
     d = i64_at(daddr, D_LEN)
     if d[D_SIZE] == 0:
         return CLOSED
-    w = _words(d)
-    e = A.load(w, (_slot_off(d, pos) + L.SL_BLOB) >> 3, "relaxed")
-    if e < 0 or e >= d[D_CAP] or A.load(w, _entry_w(d, e), "acquire") != (pos & POS_MASK) + 1:
-        return CORRUPT
-    return e
+    e = _held_entry(d, _words(d), pos)
+    return e if e >= 0 else CORRUPT
 
 
 @jit("int64(int64, int64, int64)", nogil=False)
@@ -1048,12 +1065,7 @@ def blob_give_at(daddr, pos, e):
         return CLOSED
     if e < 0 or e >= d[D_CAP]:
         return CORRUPT
-    w = _words(d)
-    held = (pos & POS_MASK) + 1
-    if A.cas(w, _entry_w(d, e), held, 0, "release") != held:
-        return CORRUPT
-    A.store(w, _hint_w(d), e, "relaxed")
-    return OK
+    return OK if _give(d, _words(d), pos, e) else CORRUPT
 
 
 @jit("int64(int64, int64)", nogil=False)

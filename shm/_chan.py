@@ -1079,12 +1079,7 @@ class _Chan:
             return
         ring = self.rings[0]
         for e in range(ring.cap):
-            info = _BLOB_INFO(ring.tx_addr, e)
-            if info > 0 and info & 0xFF:
-                try:
-                    self._blob_seg(0, e, info >> 8, populate=True)
-                except (SegmentNotFound, CorruptSegment):
-                    pass
+            self._map_entry(ring, e, populate=True)
 
     def _warm_hint(self) -> None:
         """A forked child's first use of a role: map afresh now the inherited blob the next large
@@ -1092,12 +1087,16 @@ class _Chan:
         for ring in list(self.rings.values()):
             e = int(ring.seg.w[(ring.ring_off + L.RG_BLOB_HINT) >> 3])
             if (ring.gen, e) in self.cold:
-                info = _BLOB_INFO(ring.tx_addr, e)
-                if info > 0 and info & 0xFF:
-                    try:
-                        self._blob_seg(ring.gen, e, info >> 8)
-                    except ShmError:
-                        pass
+                self._map_entry(ring, e)        # (a cold one is mapped afresh with its pages)
+
+    def _map_entry(self, ring: _Ring, e: int, populate: bool = False) -> None:
+        """Map entry ``e``'s blob ahead of its use, if it has one; one replaced meanwhile is left to that use."""
+        info = _BLOB_INFO(ring.tx_addr, e)
+        if info > 0 and info & 0xFF:
+            try:
+                self._blob_seg(ring.gen, e, info >> 8, populate)
+            except ShmError:
+                pass
 
     def _keep_blob(self, key, bgen, seg) -> None:
         with self.blob_lock:
@@ -1120,6 +1119,19 @@ class _Chan:
             time.sleep(0 if k < 100 else 0.001)
         raise CorruptSegment(f"channel {self.name!r}: its blob pool has no free entry, yet a free one "
                              "is always there; its ring is corrupt")
+
+    def _drop_blob(self, ring: _Ring, addr: int, e: int, bgen: int, lg: int, locks: bool = True) -> None:
+        """Unlink the blob of entry ``e``, which we hold. Marked gone first (low byte 0, the generation
+        stays): a holder killed in between leaves a state the next one handles."""
+        _SET_BLOB_INFO(addr, e, bgen << 8)
+        self._unlink_blob(ring.gen, e, bgen, 1 << lg, locks)
+
+    @staticmethod
+    def _abandon(addr: int, pos: int, e: int) -> None:
+        """A send that will not be published: give back its pool entry (if it took one), tombstone its slot."""
+        if e >= 0:
+            _BLOB_GIVE(addr, pos, e)
+        _PUBLISH(addr, pos, 0, 0, L.FLAG_TOMB)
 
     def _entry_info(self, addr: int, e: int) -> tuple[int, int]:
         """(bgen, log2 capacity) of the blob of entry ``e``, which we hold; lg 0: none."""
@@ -1150,8 +1162,7 @@ class _Chan:
         # left that name. Never restart at 1: a process still mapping an
         # older blob of that name would use it.
         if lg:
-            _SET_BLOB_INFO(addr, e, bgen << 8)
-            self._unlink_blob(ring.gen, e, bgen, 1 << lg)
+            self._drop_blob(ring, addr, e, bgen, lg)
         elif bgen:
             unlink_name(_blob_name(self.family, ring.gen, e, bgen))     # a killed creator's, if any
         bgen += 1
@@ -1193,9 +1204,7 @@ class _Chan:
                     seg.u8[at - seg.addr:at - seg.addr + m] = a
                 at += m
         except BaseException:
-            if e >= 0:
-                _BLOB_GIVE(ring.tx_addr, pos, e)
-            _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
+            self._abandon(ring.tx_addr, pos, e)
             raise
         finally:
             self.inflight -= 1
@@ -1277,8 +1286,7 @@ class _Chan:
                               and self.ctrl.w[L.CH_BLOB_BYTES >> 3] > BLOB_BUDGET):
                     info = _BLOB_INFO(addr, e)
                     if info > 0 and info & 0xFF and (sealed or 1 << (info & 0xFF) > self.reserve):
-                        _SET_BLOB_INFO(addr, e, info & ~0xFF)       # the generation stays
-                        self._unlink_blob(ring.gen, e, info >> 8, 1 << (info & 0xFF), locks)
+                        self._drop_blob(ring, addr, e, info >> 8, info & 0xFF, locks)
             finally:
                 _BLOB_GIVE(addr, pos, e)
         finally:
@@ -1325,10 +1333,7 @@ class _Chan:
         try:
             kind, parts, n = self.parts_of(data)
         except BaseException:
-            e = _BLOB_ENTRY(ring.tx_addr, pos)
-            if e >= 0:
-                _BLOB_GIVE(ring.tx_addr, pos, e)
-            _PUBLISH(ring.tx_addr, pos, 0, 0, L.FLAG_TOMB)
+            self._abandon(ring.tx_addr, pos, _BLOB_ENTRY(ring.tx_addr, pos))
             raise
         self._write_blob(ring, pos, kind, parts, n, held=True)
 
